@@ -1,0 +1,39 @@
+# kmax_m2f: `make setup` installs everything into .venv; `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+# Extra flags for `python -m venv`, e.g. VENV_ARGS=--system-site-packages to reuse a detectron2
+# (and torch) already installed in the base interpreter.
+VENV_ARGS ?=
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+TORCH_PINS := torch==2.14.0 torchvision==0.29.2
+
+DEPS_STAMP := $(VENV)/.deps-installed
+EXT_STAMP := $(VENV)/.kmax_m2f-installed
+EXT_SOURCES := setup.py $(shell find kmax_m2f/layers/ms_deform_attn/csrc -type f 2>/dev/null)
+
+.PHONY: setup test quickstart clean-ext
+
+setup: $(EXT_STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV_ARGS) $(VENV)
+	$(PIP) install -q --upgrade "pip>=24"
+
+# torch, detectron2 and the pinned dependencies: re-run only when these recipes change.
+$(DEPS_STAMP): $(PY) Makefile requirements.txt tools/install_detectron2.py
+	$(PIP) install $(TORCH_PINS)
+	$(PY) tools/install_detectron2.py
+	$(PIP) install -r requirements.txt
+	touch $@
+
+# The package in editable mode; rebuilds kmax_m2f._C when its sources or setup.py change.
+$(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	touch $@
+
+test: setup
+	$(PY) -m pytest tests
+
+clean-ext:
+	rm -rf build kmax_m2f/_C*.so $(EXT_STAMP)

@@ -1,0 +1,52 @@
+"""Input checks shared by the dataset loaders: each failure names the file and the fix."""
+import json
+import os
+from typing import Any
+
+
+class DatasetError(RuntimeError):
+    """A dataset on disk is missing, incomplete or inconsistent with its annotations."""
+
+
+def datasets_root() -> str:
+    """The root of all datasets: ``$DETECTRON2_DATASETS`` (detectron2's convention), else ./datasets."""
+    return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+
+
+def require_dir(path: str, dataset_name: str, hint: str = "") -> str:
+    if not os.path.isdir(path):
+        raise DatasetError(
+            f"Dataset '{dataset_name}': directory {path!r} does not exist. Datasets are read from "
+            f"$DETECTRON2_DATASETS (now {datasets_root()!r}); see datasets/README.md for the "
+            f"expected layout. {hint}".strip()
+        )
+    return path
+
+
+def require_file(path: str, dataset_name: str, hint: str = "") -> str:
+    if not os.path.isfile(path):
+        raise DatasetError(
+            f"Dataset '{dataset_name}': file {path!r} does not exist. Datasets are read from "
+            f"$DETECTRON2_DATASETS (now {datasets_root()!r}); see datasets/README.md for the "
+            f"expected layout. {hint}".strip()
+        )
+    return path
+
+
+def load_json(path: str, dataset_name: str) -> Any:
+    """``json.load`` whose errors say which dataset file is missing or corrupt."""
+    require_file(path, dataset_name)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(
+            f"Dataset '{dataset_name}': {path!r} is not valid JSON ({e}). The file is corrupt or "
+            f"truncated: re-create it (datasets/prepare_*.py) or download it again."
+        ) from e
+
+
+def require_keys(record: dict, keys: list[str], where: str) -> None:
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise DatasetError(f"{where} lacks the field(s) {missing}; found {sorted(record)}.")
