@@ -1,7 +1,8 @@
 """Input checks shared by the dataset loaders: each failure names the file and the fix."""
+import contextlib
 import json
 import os
-from typing import Any
+from typing import Any, Iterator
 
 
 class DatasetError(RuntimeError):
@@ -33,17 +34,24 @@ def require_file(path: str, dataset_name: str, hint: str = "") -> str:
     return path
 
 
-def load_json(path: str, dataset_name: str) -> Any:
-    """``json.load`` whose errors say which dataset file is missing or corrupt."""
+@contextlib.contextmanager
+def json_file_errors(path: str, dataset_name: str) -> Iterator[None]:
+    """Turn a missing or corrupt JSON file met inside the block (also by detectron2's own
+    loaders) into a DatasetError that names the file and the fix."""
     require_file(path, dataset_name)
     try:
-        with open(path) as f:
-            return json.load(f)
+        yield
     except json.JSONDecodeError as e:
         raise DatasetError(
             f"Dataset '{dataset_name}': {path!r} is not valid JSON ({e}). The file is corrupt or "
             f"truncated: re-create it (datasets/prepare_*.py) or download it again."
         ) from e
+
+
+def load_json(path: str, dataset_name: str) -> Any:
+    """``json.load`` whose errors say which dataset file is missing or corrupt."""
+    with json_file_errors(path, dataset_name), open(path) as f:
+        return json.load(f)
 
 
 def require_keys(record: dict, keys: list[str], where: str) -> None:

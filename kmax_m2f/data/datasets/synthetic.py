@@ -1,0 +1,118 @@
+"""Catalog entries of the synthetic panoptic dataset (see kmax_m2f.data.synthetic_generator).
+
+Registered the way detectron2 / Mask2Former register COCO, so their evaluators run unchanged:
+
+- ``synthetic_panoptic_{train,val}``: panoptic records with semantic labels (COCOPanopticEvaluator,
+  SemSegEvaluator), contiguous ids over all 8 categories;
+- ``synthetic_sem_seg_{train,val}``: semantic records (SemSegEvaluator);
+- ``synthetic_instance_{train,val}``: COCO instances of the 5 thing classes (COCOEvaluator).
+"""
+import os
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json, load_sem_seg
+from detectron2.data.datasets.coco_panoptic import load_coco_panoptic_json
+
+from ..synthetic_generator import IGNORE_LABEL, SYNTHETIC_CATEGORIES
+from .checks import datasets_root, json_file_errors, require_dir
+
+SPLITS = ("train", "val")
+GENERATE_HINT = "Generate it with `python datasets/prepare_synthetic.py` (or `make quickstart`)."
+
+
+def synthetic_metadata() -> dict:
+    """Metadata in Mask2Former's unified label space: ``thing_classes`` and ``stuff_classes`` both
+    list every category (contiguous ids 0..7), things map through
+    ``thing_dataset_id_to_contiguous_id``, and every category through
+    ``stuff_dataset_id_to_contiguous_id`` so that SemSegEvaluator covers all of them."""
+    names = [c["name"] for c in SYNTHETIC_CATEGORIES]
+    colors = [c["color"] for c in SYNTHETIC_CATEGORIES]
+    return {
+        "thing_classes": names,
+        "thing_colors": colors,
+        "stuff_classes": names,
+        "stuff_colors": colors,
+        "thing_dataset_id_to_contiguous_id": {
+            c["id"]: i for i, c in enumerate(SYNTHETIC_CATEGORIES) if c["isthing"]
+        },
+        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(SYNTHETIC_CATEGORIES)},
+    }
+
+
+def load_synthetic_panoptic(root: str, split: str, dataset_name: str) -> list[dict]:
+    """Panoptic records (detectron2's COCO-panoptic fields) plus ``sem_seg_file_name``."""
+    image_root = require_dir(os.path.join(root, split), dataset_name, GENERATE_HINT)
+    panoptic_root = require_dir(os.path.join(root, f"panoptic_{split}"), dataset_name, GENERATE_HINT)
+    semseg_root = require_dir(os.path.join(root, f"panoptic_semseg_{split}"), dataset_name, GENERATE_HINT)
+    json_file = os.path.join(root, "annotations", f"panoptic_{split}.json")
+    with json_file_errors(json_file, dataset_name):
+        records = load_coco_panoptic_json(json_file, image_root, panoptic_root, synthetic_metadata())
+    for record in records:
+        record["sem_seg_file_name"] = os.path.join(
+            semseg_root, os.path.basename(record["pan_seg_file_name"])
+        )
+    return records
+
+
+def load_synthetic_instances(json_file: str, image_root: str, dataset_name: str) -> list[dict]:
+    """COCO instance records via detectron2's ``load_coco_json`` (which also fills the thing
+    classes and id map into the metadata)."""
+    require_dir(image_root, dataset_name, GENERATE_HINT)
+    with json_file_errors(json_file, dataset_name):
+        return load_coco_json(json_file, image_root, dataset_name)
+
+
+def register_synthetic(root: str, prefix: str = "synthetic") -> None:
+    """Register the six synthetic datasets found (lazily) under ``root``."""
+    metadata = synthetic_metadata()
+    for split in SPLITS:
+        image_root = os.path.join(root, split)
+        panoptic_name = f"{prefix}_panoptic_{split}"
+        DatasetCatalog.register(
+            panoptic_name, lambda split=split, name=panoptic_name: load_synthetic_panoptic(root, split, name)
+        )
+        MetadataCatalog.get(panoptic_name).set(
+            image_root=image_root,
+            panoptic_root=os.path.join(root, f"panoptic_{split}"),
+            panoptic_json=os.path.join(root, "annotations", f"panoptic_{split}.json"),
+            json_file=os.path.join(root, "annotations", f"instances_{split}.json"),
+            sem_seg_root=os.path.join(root, f"panoptic_semseg_{split}"),
+            evaluator_type="coco_panoptic_seg",
+            ignore_label=IGNORE_LABEL,
+            label_divisor=1000,
+            **metadata,
+        )
+
+        sem_seg_name = f"{prefix}_sem_seg_{split}"
+        semseg_root = os.path.join(root, f"panoptic_semseg_{split}")
+        DatasetCatalog.register(
+            sem_seg_name,
+            lambda image_root=image_root, semseg_root=semseg_root, name=sem_seg_name: load_sem_seg(
+                require_dir(semseg_root, name, GENERATE_HINT),
+                require_dir(image_root, name, GENERATE_HINT),
+                gt_ext="png",
+                image_ext="jpg",
+            ),
+        )
+        MetadataCatalog.get(sem_seg_name).set(
+            image_root=image_root,
+            sem_seg_root=semseg_root,
+            evaluator_type="sem_seg",
+            ignore_label=IGNORE_LABEL,
+            stuff_classes=metadata["stuff_classes"],
+            stuff_colors=metadata["stuff_colors"],
+            stuff_dataset_id_to_contiguous_id=metadata["stuff_dataset_id_to_contiguous_id"],
+        )
+
+        instance_name = f"{prefix}_instance_{split}"
+        instances_json = os.path.join(root, "annotations", f"instances_{split}.json")
+        DatasetCatalog.register(
+            instance_name,
+            lambda json_file=instances_json, image_root=image_root, name=instance_name: load_synthetic_instances(
+                json_file, image_root, name
+            ),
+        )
+        MetadataCatalog.get(instance_name).set(json_file=instances_json, image_root=image_root, evaluator_type="coco")
+
+
+register_synthetic(os.path.join(datasets_root(), "synthetic"))
