@@ -3,6 +3,6 @@
 Importing the package registers its datasets, models and mappers with detectron2's registries.
 """
 from . import data  # noqa: F401  (registers datasets)
-from .config import add_kmax_m2f_config
+from .config import add_kmax_m2f_config, build_config
 
-__all__ = ["add_kmax_m2f_config"]
+__all__ = ["add_kmax_m2f_config", "build_config"]

@@ -1,0 +1,4 @@
+from .optimizer import build_optimizer, build_param_groups
+from .trainer import Trainer, create_ddp_model
+
+__all__ = ["Trainer", "build_optimizer", "build_param_groups", "create_ddp_model"]

@@ -1,0 +1,83 @@
+"""The project's trainer: detectron2's DefaultTrainer with the pieces these models need."""
+import logging
+import os
+import weakref
+from typing import Optional
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.data import build_detection_train_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..data import build_mapper
+from ..evaluation import build_evaluator
+from .optimizer import build_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+def create_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
+    """Wrap ``model`` in DistributedDataParallel when more than one process runs.
+
+    detectron2's helper always passes ``device_ids=[local_rank]``, which DDP rejects for a CPU
+    module; a CPU model (gloo backend) is wrapped without device ids instead.
+    """
+    if comm.get_world_size() == 1:
+        return model
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    device_ids = [comm.get_local_rank()] if on_gpu else None
+    return DistributedDataParallel(model, device_ids=device_ids, **kwargs)
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with: the evaluator chosen from the dataset's ``evaluator_type``, the
+    training mapper chosen by ``INPUT.DATASET_MAPPER_NAME``, AdamW/SGD with per-module parameter
+    groups and full-model gradient clipping, poly / multi-step / cosine schedules with warm-up, and
+    DistributedDataParallel that also works on CPU."""
+
+    def __init__(self, cfg: CfgNode):
+        # Same sequence as DefaultTrainer.__init__, except that the model is wrapped by our
+        # create_ddp_model (DefaultTrainer's cannot wrap a CPU model).
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        trainer_type = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_type(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        return build_detection_train_loader(cfg, mapper=build_mapper(cfg, is_train=True))
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg: CfgNode, optimizer: torch.optim.Optimizer):
+        # detectron2's DeepLab project adds WarmupPolyLR to the core schedulers
+        # (WarmupMultiStepLR, WarmupCosineLR, WarmupStepWithFixedGammaLR).
+        return build_deeplab_lr_scheduler(cfg, optimizer)

@@ -1,0 +1,84 @@
+"""Choose detectron2's evaluators from a dataset's ``evaluator_type`` and the model's tasks."""
+import logging
+from typing import Callable, Optional
+
+from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import (
+    CityscapesInstanceEvaluator,
+    CityscapesSemSegEvaluator,
+    COCOEvaluator,
+    COCOPanopticEvaluator,
+    DatasetEvaluator,
+    DatasetEvaluators,
+    SemSegEvaluator,
+)
+
+logger = logging.getLogger(__name__)
+
+SEMANTIC, INSTANCE, PANOPTIC = "semantic", "instance", "panoptic"
+
+# evaluator_type -> {task: evaluator factory(dataset_name, output_dir)}.
+_EVALUATORS: dict[str, dict[str, Callable[[str, Optional[str]], DatasetEvaluator]]] = {
+    "sem_seg": {SEMANTIC: lambda name, out: SemSegEvaluator(name, distributed=True, output_dir=out)},
+    "coco": {INSTANCE: lambda name, out: COCOEvaluator(name, output_dir=out)},
+    "coco_panoptic_seg": {
+        PANOPTIC: lambda name, out: COCOPanopticEvaluator(name, out),
+        INSTANCE: lambda name, out: COCOEvaluator(name, output_dir=out),
+        SEMANTIC: lambda name, out: SemSegEvaluator(name, distributed=True, output_dir=out),
+    },
+    "ade20k_panoptic_seg": {
+        PANOPTIC: lambda name, out: COCOPanopticEvaluator(name, out),
+        SEMANTIC: lambda name, out: SemSegEvaluator(name, distributed=True, output_dir=out),
+    },
+    "cityscapes_sem_seg": {SEMANTIC: lambda name, out: CityscapesSemSegEvaluator(name)},
+    "cityscapes_instance": {INSTANCE: lambda name, out: CityscapesInstanceEvaluator(name)},
+    "cityscapes_panoptic_seg": {
+        PANOPTIC: lambda name, out: COCOPanopticEvaluator(name, out),
+        SEMANTIC: lambda name, out: CityscapesSemSegEvaluator(name),
+        INSTANCE: lambda name, out: CityscapesInstanceEvaluator(name),
+    },
+}
+
+# Meta-architectures whose outputs are switched by MODEL.<namespace>.TEST.{SEMANTIC,INSTANCE,PANOPTIC}_ON.
+_TASK_FLAG_NAMESPACES = {"MaskFormer": "MASK_FORMER", "kMaXDeepLab": "KMAX_DEEPLAB"}
+
+
+def enabled_tasks(cfg: CfgNode) -> Optional[set[str]]:
+    """The tasks the configured model predicts at test time, or None when its meta-architecture
+    has no task switches (it is then evaluated on every task its dataset supports)."""
+    namespace = _TASK_FLAG_NAMESPACES.get(cfg.MODEL.META_ARCHITECTURE)
+    if namespace is None or namespace not in cfg.MODEL:
+        return None
+    flags = cfg.MODEL[namespace].TEST
+    return {task for task in (SEMANTIC, INSTANCE, PANOPTIC) if flags[f"{task.upper()}_ON"]}
+
+
+def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
+    """Evaluators for ``dataset_name``. A single-task dataset (``sem_seg``, ``coco``, ...) always
+    gets its evaluator; a panoptic dataset gets one per task the model has switched on."""
+    metadata = MetadataCatalog.get(dataset_name)
+    evaluator_type = metadata.get("evaluator_type")
+    if evaluator_type not in _EVALUATORS:
+        raise ValueError(
+            f"Dataset '{dataset_name}' has evaluator_type={evaluator_type!r}, which kmax_m2f cannot "
+            f"evaluate. Set MetadataCatalog.get({dataset_name!r}).evaluator_type to one of "
+            f"{sorted(_EVALUATORS)} when registering it."
+        )
+    by_task = _EVALUATORS[evaluator_type]
+    tasks = enabled_tasks(cfg)
+    if tasks is None or len(by_task) == 1:
+        tasks = set(by_task)
+    selected = [task for task in (PANOPTIC, INSTANCE, SEMANTIC) if task in tasks and task in by_task]
+    if not selected:
+        raise ValueError(
+            f"The model predicts {sorted(tasks)}, but dataset '{dataset_name}' ({evaluator_type}) can "
+            f"only be evaluated on {sorted(by_task)}. Switch the matching TEST.*_ON flag on, or "
+            f"evaluate on another dataset."
+        )
+    skipped = tasks - set(by_task)
+    if skipped:
+        logger.warning("Dataset '%s' (%s) has no evaluator for %s: not evaluated there.",
+                       dataset_name, evaluator_type, sorted(skipped))
+    evaluators = [by_task[task](dataset_name, output_folder) for task in selected]
+    return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)

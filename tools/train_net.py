@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Train or evaluate any kmax_m2f model with detectron2's tools.
+
+    python tools/train_net.py --config-file configs/... [--num-gpus N] [KEY VALUE ...]
+    python tools/train_net.py --config-file configs/... --eval-only MODEL.WEIGHTS model.pth
+    python tools/train_net.py --config-file configs/... --resume          # continue from last_checkpoint
+    # several machines: --num-machines M --machine-rank R --dist-url tcp://HOST:PORT
+
+``--num-gpus`` is the number of processes per machine; on a machine without GPUs each process
+trains on the CPU (gloo backend).
+"""
+import logging
+import os
+import sys
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+import kmax_m2f
+from kmax_m2f.config import ConfigError
+from kmax_m2f.engine import Trainer
+
+
+def setup(args):
+    try:
+        cfg = kmax_m2f.build_config(args.config_file, args.opts)
+    except ConfigError as e:
+        # One line that names the bad key and the file, rather than a traceback.
+        sys.exit(f"train_net.py: {e}")
+    cfg.freeze()
+    default_setup(cfg, args)
+    if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # Each CPU process would otherwise start one thread per core: N processes, N x oversubscribed.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="kmax_m2f")
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        return results
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    logging.getLogger(__name__).info("Command line arguments: %s", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
