@@ -58,3 +58,25 @@ def require_keys(record: dict, keys: list[str], where: str) -> None:
     missing = [k for k in keys if k not in record]
     if missing:
         raise DatasetError(f"{where} lacks the field(s) {missing}; found {sorted(record)}.")
+
+
+def require_listed_files(
+    paths: list[str], dataset_name: str, json_file: str, hint: str = ""
+) -> None:
+    """Raise a :class:`DatasetError` if any of ``paths`` (files that ``json_file`` refers to) is
+    missing. One directory listing per folder instead of one ``stat`` per file keeps this cheap
+    for the 118k COCO images."""
+    listings: dict[str, set[str]] = {}
+    missing = []
+    for path in paths:
+        folder, name = os.path.split(path)
+        if folder not in listings:
+            listings[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        if name not in listings[folder]:
+            missing.append(path)
+    if missing:
+        raise DatasetError(
+            f"Dataset '{dataset_name}': {len(missing)} of the {len(paths)} files that "
+            f"{json_file!r} refers to do not exist, e.g. {missing[:3]}. The annotations and the "
+            f"files on disk come from different versions or an extraction was incomplete. {hint}"
+        )

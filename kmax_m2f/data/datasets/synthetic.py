@@ -3,7 +3,7 @@
 Registered the way detectron2 / Mask2Former register COCO, so their evaluators run unchanged:
 
 - ``synthetic_panoptic_{train,val}``: panoptic records with semantic labels (COCOPanopticEvaluator,
-  SemSegEvaluator), contiguous ids over all 8 categories;
+  SemSegEvaluator), contiguous ids over all 8 categories (things first);
 - ``synthetic_sem_seg_{train,val}``: semantic records (SemSegEvaluator);
 - ``synthetic_instance_{train,val}``: COCO instances of the 5 thing classes (COCOEvaluator).
 """
@@ -11,47 +11,33 @@ import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, load_sem_seg
-from detectron2.data.datasets.coco_panoptic import load_coco_panoptic_json
 
 from ..synthetic_generator import IGNORE_LABEL, SYNTHETIC_CATEGORIES
 from .checks import datasets_root, json_file_errors, require_dir
+from .register_coco_panoptic_annos_semseg import get_panoptic_metadata, load_panoptic_json_with_sem_seg
 
 SPLITS = ("train", "val")
-GENERATE_HINT = "Generate it with `python datasets/prepare_synthetic.py` (or `make quickstart`)."
+GENERATE_HINT = "Generate it with `python datasets/prepare_synthetic.py`."
 
 
 def synthetic_metadata() -> dict:
-    """Metadata in Mask2Former's unified label space: ``thing_classes`` and ``stuff_classes`` both
-    list every category (contiguous ids 0..7), things map through
-    ``thing_dataset_id_to_contiguous_id``, and every category through
-    ``stuff_dataset_id_to_contiguous_id`` so that SemSegEvaluator covers all of them."""
-    names = [c["name"] for c in SYNTHETIC_CATEGORIES]
-    colors = [c["color"] for c in SYNTHETIC_CATEGORIES]
-    return {
-        "thing_classes": names,
-        "thing_colors": colors,
-        "stuff_classes": names,
-        "stuff_colors": colors,
-        "thing_dataset_id_to_contiguous_id": {
-            c["id"]: i for i, c in enumerate(SYNTHETIC_CATEGORIES) if c["isthing"]
-        },
-        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(SYNTHETIC_CATEGORIES)},
-    }
+    """Mask2Former's metadata layout over the 8 synthetic categories (contiguous ids 0..7)."""
+    return get_panoptic_metadata(SYNTHETIC_CATEGORIES)
 
 
 def load_synthetic_panoptic(root: str, split: str, dataset_name: str) -> list[dict]:
     """Panoptic records (detectron2's COCO-panoptic fields) plus ``sem_seg_file_name``."""
-    image_root = require_dir(os.path.join(root, split), dataset_name, GENERATE_HINT)
-    panoptic_root = require_dir(os.path.join(root, f"panoptic_{split}"), dataset_name, GENERATE_HINT)
-    semseg_root = require_dir(os.path.join(root, f"panoptic_semseg_{split}"), dataset_name, GENERATE_HINT)
-    json_file = os.path.join(root, "annotations", f"panoptic_{split}.json")
-    with json_file_errors(json_file, dataset_name):
-        records = load_coco_panoptic_json(json_file, image_root, panoptic_root, synthetic_metadata())
-    for record in records:
-        record["sem_seg_file_name"] = os.path.join(
-            semseg_root, os.path.basename(record["pan_seg_file_name"])
-        )
-    return records
+    return load_panoptic_json_with_sem_seg(
+        os.path.join(root, "annotations", f"panoptic_{split}.json"),
+        os.path.join(root, split),
+        os.path.join(root, f"panoptic_{split}"),
+        os.path.join(root, f"panoptic_semseg_{split}"),
+        synthetic_metadata(),
+        dataset_name,
+        panoptic_hint=GENERATE_HINT,
+        sem_seg_hint=GENERATE_HINT,
+        image_hint=GENERATE_HINT,
+    )
 
 
 def load_synthetic_instances(json_file: str, image_root: str, dataset_name: str) -> list[dict]:

@@ -1,0 +1,96 @@
+"""Bad input gets one clear error that names the file or key and the fix."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from detectron2.data import DatasetCatalog
+from panopticapi.utils import id2rgb
+from PIL import Image
+
+import kmax_m2f
+from kmax_m2f.config import ConfigError
+from kmax_m2f.data.datasets.checks import DatasetError
+from kmax_m2f.data.datasets.synthetic import register_synthetic
+from kmax_m2f.data.panoptic import read_panoptic_ids
+
+from .conftest import REPO, run_tool
+
+
+def test_missing_dataset_root_names_the_folder_and_the_variable(tmp_path):
+    register_synthetic(str(tmp_path / "nowhere"), prefix="pytest_missing")
+    with pytest.raises(DatasetError, match=r"nowhere.*does not exist.*DETECTRON2_DATASETS.*prepare_synthetic"):
+        DatasetCatalog.get("pytest_missing_panoptic_train")
+    with pytest.raises(DatasetError, match="DETECTRON2_DATASETS"):
+        DatasetCatalog.get("pytest_missing_sem_seg_val")
+    with pytest.raises(DatasetError, match=r"nowhere/val.*does not exist"):
+        DatasetCatalog.get("pytest_missing_instance_val")
+
+
+def test_corrupt_json_names_the_file(tmp_path, datasets_dir):
+    root = tmp_path / "synthetic"
+    shutil.copytree(datasets_dir / "synthetic", root)
+    panoptic_json = root / "annotations" / "panoptic_val.json"
+    panoptic_json.write_text(panoptic_json.read_text()[:100])
+    instances_json = root / "annotations" / "instances_val.json"
+    instances_json.write_text("{not json")
+    register_synthetic(str(root), prefix="pytest_corrupt")
+    with pytest.raises(DatasetError, match=r"panoptic_val\.json.*not valid JSON.*corrupt"):
+        DatasetCatalog.get("pytest_corrupt_panoptic_val")
+    with pytest.raises(DatasetError, match=r"instances_val\.json.*not valid JSON"):
+        DatasetCatalog.get("pytest_corrupt_instance_val")
+
+
+def test_panoptic_png_with_ids_missing_from_the_json(tmp_path):
+    ids = np.zeros((8, 8), np.int64)
+    ids[:4] = 3
+    ids[4:] = 77
+    png = tmp_path / "000001.png"
+    Image.fromarray(id2rgb(ids)).save(png)
+    with pytest.raises(DatasetError, match=r"000001\.png contains segment ids \[77\].*regenerate"):
+        read_panoptic_ids(str(png), [{"id": 3, "category_id": 1}])
+    assert (read_panoptic_ids(str(png), [{"id": 3}, {"id": 77}]) == ids).all()
+
+
+def test_unknown_config_key_names_the_key_and_the_file(tmp_path):
+    config = tmp_path / "typo.yaml"
+    config.write_text(f"_BASE_: {REPO / 'tests/configs/tiny_sem_seg_fpn.yaml'}\nSOLVER:\n  BASE_LRR: 0.1\n")
+    with pytest.raises(ConfigError, match=r"typo\.yaml.*SOLVER\.BASE_LRR"):
+        kmax_m2f.build_config(str(config))
+    with pytest.raises(ConfigError, match=r"MODEL\.MASK_FORMER\.TEST\.PANOPTIC"):
+        kmax_m2f.build_config("", ["MODEL.MASK_FORMER.TEST.PANOPTIC", "True"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        kmax_m2f.build_config(str(tmp_path / "absent.yaml"))
+
+
+def test_train_net_reports_a_bad_key_in_one_line(tmp_path, datasets_dir):
+    result = run_tool(
+        ["tools/train_net.py", "--config-file", "tests/configs/tiny_sem_seg_fpn.yaml", "SOLVER.MAX_ITERS", "5"],
+        datasets_dir, REPO, check=False,
+    )
+    assert result.returncode != 0
+    assert "train_net.py: command-line override" in result.stderr and "SOLVER.MAX_ITERS" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_wrong_type_in_config_is_reported():
+    with pytest.raises(ConfigError, match="SOLVER.MAX_ITER"):
+        kmax_m2f.build_config("", ["SOLVER.MAX_ITER", "'many'"])
+
+
+def test_cuda_device_falls_back_to_cpu_without_a_gpu(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert kmax_m2f.build_config("", ["MODEL.DEVICE", "cuda"]).MODEL.DEVICE == "cpu"
+
+
+def test_json_stays_untouched_after_a_failed_load(tmp_path, datasets_dir):
+    """Nothing is lost: a failed load never rewrites the user's files."""
+    root = tmp_path / "synthetic"
+    shutil.copytree(datasets_dir / "synthetic", root)
+    (root / "panoptic_semseg_val").rename(root / "moved_away")
+    before = (root / "annotations" / "panoptic_val.json").read_bytes()
+    register_synthetic(str(root), prefix="pytest_no_semseg")
+    with pytest.raises(DatasetError, match="panoptic_semseg_val"):
+        DatasetCatalog.get("pytest_no_semseg_panoptic_val")
+    assert (root / "annotations" / "panoptic_val.json").read_bytes() == before
+    assert json.loads(before)["annotations"]

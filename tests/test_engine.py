@@ -1,0 +1,132 @@
+"""Trainer pieces: parameter groups, gradient clipping, schedules, evaluator choice, CPU DDP."""
+import pytest
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
+from torch import nn
+
+import kmax_m2f
+from kmax_m2f.engine import Trainer, build_optimizer, build_param_groups, create_ddp_model
+from kmax_m2f.evaluation import build_evaluator
+
+
+class ToyModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.query_embed = nn.Embedding(5, 4)
+        self.head = nn.Linear(4, 2)
+        self.norm = nn.LayerNorm(4)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(3))
+
+
+def _group_of(groups, param):
+    return next(g for g in groups if any(p is param for p in g["params"]))
+
+
+def test_param_groups_apply_multiplier_and_decay_rules():
+    model = ToyModel()
+    groups = build_param_groups(
+        model, base_lr=1.0, weight_decay=0.05, weight_decay_norm=0.0, weight_decay_embed=0.0,
+        backbone_multiplier=0.1, no_decay_names=("relative_position_bias_table",),
+    )
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    conv, bn = model.backbone[0], model.backbone[1]
+    assert _group_of(groups, conv.weight) == {"params": _group_of(groups, conv.weight)["params"], "lr": 0.1, "weight_decay": 0.05}
+    assert (_group_of(groups, bn.weight)["lr"], _group_of(groups, bn.weight)["weight_decay"]) == (0.1, 0.0)
+    assert (_group_of(groups, model.head.weight)["lr"], _group_of(groups, model.head.weight)["weight_decay"]) == (1.0, 0.05)
+    assert _group_of(groups, model.query_embed.weight)["weight_decay"] == 0.0
+    assert _group_of(groups, model.norm.weight)["weight_decay"] == 0.0
+    assert _group_of(groups, model.relative_position_bias_table)["weight_decay"] == 0.0
+
+
+def _solver_cfg(**overrides):
+    cfg = kmax_m2f.build_config()
+    cfg.SOLVER.BASE_LR = 1.0
+    cfg.SOLVER.MOMENTUM = 0.0
+    cfg.SOLVER.WEIGHT_DECAY = 0.0
+    cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    for key, value in overrides.items():
+        cfg.merge_from_list([key, value])
+    return cfg
+
+
+def test_full_model_gradient_clipping_bounds_the_total_norm():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    cfg = _solver_cfg(**{"SOLVER.CLIP_GRADIENTS.ENABLED": True, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": "full_model",
+                         "SOLVER.CLIP_GRADIENTS.CLIP_VALUE": 0.01})
+    optimizer = build_optimizer(cfg, model)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    optimizer.step()
+    # SGD with lr 1 and no momentum: the update is minus the clipped gradient of all parameters.
+    update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    assert update.norm().item() == pytest.approx(0.01, rel=1e-4)
+    assert torch.allclose(update, update[0].expand_as(update)), "clipping rescales, it does not reshape"
+
+
+def test_unknown_optimizer_is_a_clear_error():
+    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER='LAMB'"):
+        build_optimizer(_solver_cfg(**{"SOLVER.OPTIMIZER": "LAMB"}), nn.Linear(2, 2))
+
+
+def test_adamw_optimizer_type():
+    optimizer = build_optimizer(_solver_cfg(**{"SOLVER.OPTIMIZER": "ADAMW"}), nn.Linear(2, 2))
+    assert isinstance(optimizer, torch.optim.AdamW)
+
+
+def test_poly_schedule_with_warmup_follows_the_formula():
+    cfg = _solver_cfg(**{"SOLVER.LR_SCHEDULER_NAME": "WarmupPolyLR", "SOLVER.MAX_ITER": 100,
+                         "SOLVER.WARMUP_ITERS": 10, "SOLVER.WARMUP_FACTOR": 0.1, "SOLVER.WARMUP_METHOD": "linear"})
+    optimizer = build_optimizer(cfg, nn.Linear(2, 2))
+    scheduler = Trainer.build_lr_scheduler(cfg, optimizer)
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[5] == pytest.approx((0.1 + 0.9 * 0.5) * (1 - 5 / 100) ** 0.9)
+    assert lrs[50] == pytest.approx((1 - 50 / 100) ** 0.9)
+
+
+def test_multistep_schedule():
+    cfg = _solver_cfg(**{"SOLVER.LR_SCHEDULER_NAME": "WarmupMultiStepLR", "SOLVER.MAX_ITER": 30,
+                         "SOLVER.STEPS": (10, 20), "SOLVER.GAMMA": 0.1, "SOLVER.WARMUP_ITERS": 0})
+    optimizer = build_optimizer(cfg, nn.Linear(2, 2))
+    scheduler = Trainer.build_lr_scheduler(cfg, optimizer)
+    lrs = []
+    for _ in range(30):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert (lrs[9], lrs[10], lrs[25]) == pytest.approx((1.0, 0.1, 0.01))
+
+
+def test_ddp_wrapper_is_identity_in_a_single_process():
+    model = nn.Linear(2, 2)
+    assert create_ddp_model(model) is model
+
+
+def test_evaluator_follows_dataset_type_and_task_flags(synthetic_prefix, tmp_path):
+    cfg = kmax_m2f.build_config()
+    sem = build_evaluator(cfg, f"{synthetic_prefix}_sem_seg_val", str(tmp_path))
+    assert isinstance(sem, SemSegEvaluator)
+    assert isinstance(build_evaluator(cfg, f"{synthetic_prefix}_instance_val", str(tmp_path)), COCOEvaluator)
+
+    cfg.MODEL.META_ARCHITECTURE = "MaskFormer"
+    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = True
+    cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = True
+    cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON = False
+    both = build_evaluator(cfg, f"{synthetic_prefix}_panoptic_val", str(tmp_path))
+    assert isinstance(both, DatasetEvaluators)
+    assert [type(e) for e in both._evaluators] == [COCOPanopticEvaluator, COCOEvaluator]
+
+
+def test_evaluator_for_unknown_type_names_the_fix():
+    MetadataCatalog.get("pytest_no_eval_type").set(evaluator_type="lvis_magic")
+    with pytest.raises(ValueError, match="evaluator_type='lvis_magic'.*when registering it"):
+        build_evaluator(kmax_m2f.build_config(), "pytest_no_eval_type")
