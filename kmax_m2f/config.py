@@ -25,13 +25,14 @@ def add_kmax_m2f_config(cfg: CN) -> None:
     cfg.INPUT.COLOR_AUG_SSD = False
     cfg.INPUT.SIZE_DIVISIBILITY = -1
 
-    # Which outputs a MaskFormer model predicts at test time (and so which evaluators run).
-    # The Mask2Former model issue adds the rest of this namespace.
-    cfg.MODEL.MASK_FORMER = CN()
-    cfg.MODEL.MASK_FORMER.TEST = CN()
-    cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON = True
-    cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = False
-    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = False
+    # LSJ (large-scale jitter) augmentation of COCO: resize by [MIN_SCALE, MAX_SCALE] x IMAGE_SIZE,
+    # crop / pad to IMAGE_SIZE.
+    cfg.INPUT.IMAGE_SIZE = 1024
+    cfg.INPUT.MIN_SCALE = 0.1
+    cfg.INPUT.MAX_SCALE = 2.0
+
+    _add_mask_former_config(cfg)
+    _add_swin_config(cfg)
 
     # Optimisation (Mask2Former's recipe): AdamW, backbone lr x0.1, no decay on embeddings.
     cfg.SOLVER.OPTIMIZER = "ADAMW"
@@ -39,6 +40,79 @@ def add_kmax_m2f_config(cfg: CN) -> None:
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     # Parameter names (substrings) that get no weight decay besides norms and embeddings.
     cfg.SOLVER.WEIGHT_DECAY_EXCLUDE = []
+
+
+def _add_mask_former_config(cfg: CN) -> None:
+    """MODEL.MASK_FORMER and the pixel-decoder keys of MODEL.SEM_SEG_HEAD, with Mask2Former's
+    published values (the official add_maskformer2_config keeps MaskFormer v1's stale defaults
+    for several of them, so a key missing from a YAML silently changed the model)."""
+    mf = cfg.MODEL.MASK_FORMER = CN()
+    # Loss: weights of class cross-entropy, mask BCE and mask Dice; no-object class weight.
+    mf.DEEP_SUPERVISION = True
+    mf.NO_OBJECT_WEIGHT = 0.1
+    mf.CLASS_WEIGHT = 2.0
+    mf.MASK_WEIGHT = 5.0
+    mf.DICE_WEIGHT = 5.0
+    # Point-sampled losses (PointRend importance sampling): 112 * 112 points per mask.
+    mf.TRAIN_NUM_POINTS = 112 * 112
+    mf.OVERSAMPLE_RATIO = 3.0
+    mf.IMPORTANCE_SAMPLE_RATIO = 0.75
+
+    # Transformer decoder.
+    mf.TRANSFORMER_DECODER_NAME = "MultiScaleMaskedTransformerDecoder"
+    mf.TRANSFORMER_IN_FEATURE = "multi_scale_pixel_decoder"
+    mf.NHEADS = 8
+    mf.DROPOUT = 0.0
+    mf.DIM_FEEDFORWARD = 2048
+    mf.ENC_LAYERS = 0
+    # 9 masked-attention layers + the prediction from the initial queries.
+    mf.DEC_LAYERS = 10
+    mf.PRE_NORM = False
+    mf.HIDDEN_DIM = 256
+    mf.NUM_OBJECT_QUERIES = 100
+    mf.ENFORCE_INPUT_PROJ = False
+    # Pad inputs to a multiple of this (ResNet reports 0; the decoder's strides need 32).
+    mf.SIZE_DIVISIBILITY = 32
+
+    # Inference: which outputs are produced (and so which evaluators run), and the panoptic /
+    # instance thresholds of the paper.
+    mf.TEST = CN()
+    mf.TEST.SEMANTIC_ON = True
+    mf.TEST.INSTANCE_ON = False
+    mf.TEST.PANOPTIC_ON = False
+    mf.TEST.OBJECT_MASK_THRESHOLD = 0.8
+    mf.TEST.OVERLAP_THRESHOLD = 0.8
+    mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
+
+    # Pixel decoder (MODEL.SEM_SEG_HEAD holds detectron2's generic head keys too).
+    head = cfg.MODEL.SEM_SEG_HEAD
+    head.MASK_DIM = 256
+    head.TRANSFORMER_ENC_LAYERS = 6
+    head.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
+    head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
+    head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
+    head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
+
+
+def _add_swin_config(cfg: CN) -> None:
+    """MODEL.SWIN: Swin Transformer backbone (defaults: Swin-T as Mask2Former trains it)."""
+    swin = cfg.MODEL.SWIN = CN()
+    swin.PRETRAIN_IMG_SIZE = 224
+    swin.PATCH_SIZE = 4
+    swin.EMBED_DIM = 96
+    swin.DEPTHS = [2, 2, 6, 2]
+    swin.NUM_HEADS = [3, 6, 12, 24]
+    swin.WINDOW_SIZE = 7
+    swin.MLP_RATIO = 4.0
+    swin.QKV_BIAS = True
+    swin.QK_SCALE = None
+    swin.DROP_RATE = 0.0
+    swin.ATTN_DROP_RATE = 0.0
+    swin.DROP_PATH_RATE = 0.3
+    swin.APE = False
+    swin.PATCH_NORM = True
+    swin.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    swin.USE_CHECKPOINT = False
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,2 @@
+"""Models: backbones, pixel decoders, transformer decoders, matchers, criteria, meta-architectures.
+Importing this package registers them with detectron2's registries."""
