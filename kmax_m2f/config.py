@@ -38,8 +38,9 @@ def add_kmax_m2f_config(cfg: CN) -> None:
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
-    # Parameter names (substrings) that get no weight decay besides norms and embeddings.
-    cfg.SOLVER.WEIGHT_DECAY_EXCLUDE = []
+    # Parameter names (substrings) that get no weight decay besides norms and embeddings: Swin's
+    # relative position tables and absolute position embedding, as in the official recipe.
+    cfg.SOLVER.WEIGHT_DECAY_EXCLUDE = ["relative_position_bias_table", "absolute_pos_embed"]
 
 
 def _add_mask_former_config(cfg: CN) -> None:

@@ -1,0 +1,3 @@
+from .mask_former_head import MaskFormerHead
+
+__all__ = ["MaskFormerHead"]
