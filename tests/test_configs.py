@@ -1,0 +1,233 @@
+"""The shipped configs/: every YAML merges into our config (unknown keys fail loudly), and the
+published Mask2Former recipes (facebookresearch/Mask2Former configs/, MODEL_ZOO) are intact."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kmax_m2f import build_config
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+# configs/synthetic/ holds the small quick-start config, tested with the training tools.
+YAMLS = sorted(p for p in CONFIGS.rglob("*.yaml") if "synthetic" not in p.relative_to(CONFIGS).parts)
+IDS = [str(p.relative_to(CONFIGS)) for p in YAMLS]
+
+MASK2FORMER_TREE = {
+    "coco/panoptic-segmentation": 8,
+    "coco/instance-segmentation": 8,
+    "ade20k/semantic-segmentation": 8,
+    "ade20k/panoptic-segmentation": 3,
+    "ade20k/instance-segmentation": 3,
+    "cityscapes/semantic-segmentation": 7,
+    "cityscapes/panoptic-segmentation": 7,
+    "cityscapes/instance-segmentation": 7,
+}
+
+
+def cfg_of(rel: str):
+    return build_config(str(CONFIGS / rel))
+
+
+def test_tree_is_complete():
+    assert YAMLS, "no config found under configs/"
+    for task_dir, n in MASK2FORMER_TREE.items():
+        found = sorted((CONFIGS / task_dir).rglob("*.yaml"))
+        assert len(found) == n, (task_dir, [str(p.relative_to(CONFIGS)) for p in found])
+        assert len(list((CONFIGS / task_dir).glob("Base-*.yaml"))) == 1, task_dir
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=IDS)
+def test_config_merges(path):
+    # Plain YAML: no python tags, so detectron2 never falls back to yaml.unsafe_load.
+    with open(path) as f:
+        yaml.safe_load(f)
+    cfg = build_config(str(path))
+    assert cfg.INPUT.DATASET_MAPPER_NAME in {
+        "mask_former_semantic", "mask_former_panoptic", "mask_former_instance",
+        "coco_instance_lsj", "coco_panoptic_lsj",
+    }
+    if not path.name.startswith("Base-"):
+        assert cfg.MODEL.META_ARCHITECTURE == "MaskFormer"
+        assert cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME == "MSDeformAttnPixelDecoder"
+        assert cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME == "MultiScaleMaskedTransformerDecoder"
+        assert cfg.MODEL.MASK_FORMER.DEC_LAYERS == 10
+        assert cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS == 12544
+    # The shared optimisation recipe.
+    assert cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.SOLVER.BASE_LR == 1e-4
+    assert cfg.SOLVER.OPTIMIZER == "ADAMW" and cfg.SOLVER.WEIGHT_DECAY == 0.05
+    assert cfg.SOLVER.BACKBONE_MULTIPLIER == 0.1
+    assert cfg.SOLVER.CLIP_GRADIENTS.ENABLED and cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model"
+    assert cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE == 0.01
+    assert cfg.SOLVER.AMP.ENABLED
+    assert list(cfg.MODEL.PIXEL_MEAN) == [123.675, 116.280, 103.530]
+    assert list(cfg.MODEL.PIXEL_STD) == [58.395, 57.120, 57.375]
+    if cfg.MODEL.BACKBONE.NAME == "D2SwinTransformer":
+        assert cfg.MODEL.WEIGHTS.startswith("swin_") and cfg.MODEL.WEIGHTS.endswith(".pkl")
+
+
+def test_components_are_registered():
+    """Names the configs use exist in the registries (the configs would build)."""
+    import kmax_m2f.modeling  # noqa: F401  (registers the models)
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
+
+    from kmax_m2f.data.mappers import MAPPER_REGISTRY
+    from kmax_m2f.modeling.transformer_decoder.mask2former import TRANSFORMER_DECODER_REGISTRY
+
+    for path in YAMLS:
+        cfg = build_config(str(path))
+        where = str(path.relative_to(CONFIGS))
+        assert cfg.INPUT.DATASET_MAPPER_NAME in MAPPER_REGISTRY, where
+        assert cfg.MODEL.BACKBONE.NAME in BACKBONE_REGISTRY, where
+        for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+            assert name in DatasetCatalog.list(), (where, name)
+        if path.name.startswith("Base-"):
+            continue
+        assert cfg.MODEL.META_ARCHITECTURE in META_ARCH_REGISTRY, where
+        assert cfg.MODEL.SEM_SEG_HEAD.NAME in SEM_SEG_HEADS_REGISTRY, where
+        assert cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME in SEM_SEG_HEADS_REGISTRY, where
+        assert cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME in TRANSFORMER_DECODER_REGISTRY, where
+
+
+def test_coco_panoptic_r50():
+    cfg = cfg_of("coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml")
+    assert cfg.SOLVER.MAX_ITER == 368750
+    assert tuple(cfg.SOLVER.STEPS) == (327778, 355092)
+    assert cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupMultiStepLR"
+    assert cfg.SOLVER.WARMUP_ITERS == 10
+    assert cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.SOLVER.BASE_LR == 1e-4
+    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 133
+    assert cfg.MODEL.MASK_FORMER.DEC_LAYERS == 10
+    assert cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES == 100
+    assert cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON
+    assert cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON and cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON
+    assert cfg.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD == 0.8
+    assert cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD == 0.8
+    assert (cfg.MODEL.MASK_FORMER.CLASS_WEIGHT, cfg.MODEL.MASK_FORMER.MASK_WEIGHT,
+            cfg.MODEL.MASK_FORMER.DICE_WEIGHT, cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT) == (2.0, 5.0, 5.0, 0.1)
+    assert cfg.INPUT.DATASET_MAPPER_NAME == "coco_panoptic_lsj"
+    assert (cfg.INPUT.IMAGE_SIZE, cfg.INPUT.MIN_SCALE, cfg.INPUT.MAX_SCALE) == (1024, 0.1, 2.0)
+    assert cfg.MODEL.WEIGHTS == "detectron2://ImageNetPretrained/torchvision/R-50.pkl"
+    assert cfg.MODEL.RESNETS.DEPTH == 50 and cfg.MODEL.BACKBONE.FREEZE_AT == 0
+    assert tuple(cfg.DATASETS.TRAIN) == ("coco_2017_train_panoptic",)
+    assert tuple(cfg.DATASETS.TEST) == ("coco_2017_val_panoptic_with_sem_seg",)
+    r101 = cfg_of("coco/panoptic-segmentation/maskformer2_R101_bs16_50ep.yaml")
+    assert r101.MODEL.RESNETS.DEPTH == 101 and r101.SOLVER.MAX_ITER == 368750
+
+
+def test_coco_panoptic_swin_large():
+    cfg = cfg_of("coco/panoptic-segmentation/swin/maskformer2_swin_large_IN21k_384_bs16_100ep.yaml")
+    assert cfg.MODEL.BACKBONE.NAME == "D2SwinTransformer"
+    assert cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES == 200
+    assert cfg.MODEL.SWIN.EMBED_DIM == 192
+    assert list(cfg.MODEL.SWIN.DEPTHS) == [2, 2, 18, 2]
+    assert list(cfg.MODEL.SWIN.NUM_HEADS) == [6, 12, 24, 48]
+    assert cfg.MODEL.SWIN.WINDOW_SIZE == 12
+    assert cfg.MODEL.SWIN.PRETRAIN_IMG_SIZE == 384
+    assert cfg.MODEL.WEIGHTS == "swin_large_patch4_window12_384_22k.pkl"
+    # 100 epochs.
+    assert cfg.SOLVER.MAX_ITER == 737500
+    assert tuple(cfg.SOLVER.STEPS) == (655556, 710184)
+    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 133
+
+
+@pytest.mark.parametrize("variant, dim, depths, heads, window, pre", [
+    ("tiny_bs16_50ep", 96, [2, 2, 6, 2], [3, 6, 12, 24], 7, 224),
+    ("small_bs16_50ep", 96, [2, 2, 18, 2], [3, 6, 12, 24], 7, 224),
+    ("base_384_bs16_50ep", 128, [2, 2, 18, 2], [4, 8, 16, 32], 12, 384),
+    ("base_IN21k_384_bs16_50ep", 128, [2, 2, 18, 2], [4, 8, 16, 32], 12, 384),
+])
+@pytest.mark.parametrize("task", ["panoptic-segmentation", "instance-segmentation"])
+def test_coco_swin_variants(task, variant, dim, depths, heads, window, pre):
+    cfg = cfg_of(f"coco/{task}/swin/maskformer2_swin_{variant}.yaml")
+    assert cfg.MODEL.SWIN.EMBED_DIM == dim
+    assert list(cfg.MODEL.SWIN.DEPTHS) == depths and list(cfg.MODEL.SWIN.NUM_HEADS) == heads
+    assert cfg.MODEL.SWIN.WINDOW_SIZE == window and cfg.MODEL.SWIN.PRETRAIN_IMG_SIZE == pre
+    assert cfg.MODEL.SWIN.DROP_PATH_RATE == 0.3
+    assert cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES == 100
+    assert cfg.SOLVER.MAX_ITER == 368750
+
+
+def test_coco_instance():
+    cfg = cfg_of("coco/instance-segmentation/maskformer2_R50_bs16_50ep.yaml")
+    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 80
+    assert cfg.INPUT.DATASET_MAPPER_NAME == "coco_instance_lsj"
+    t = cfg.MODEL.MASK_FORMER.TEST
+    assert (t.SEMANTIC_ON, t.INSTANCE_ON, t.PANOPTIC_ON) == (False, True, False)
+    assert tuple(cfg.DATASETS.TRAIN) == ("coco_2017_train",) and tuple(cfg.DATASETS.TEST) == ("coco_2017_val",)
+    assert cfg.SOLVER.MAX_ITER == 368750 and tuple(cfg.SOLVER.STEPS) == (327778, 355092)
+    large = cfg_of("coco/instance-segmentation/swin/maskformer2_swin_large_IN21k_384_bs16_100ep.yaml")
+    assert large.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES == 200 and large.SOLVER.MAX_ITER == 737500
+
+
+def test_ade20k_semantic_r50():
+    cfg = cfg_of("ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml")
+    assert cfg.SOLVER.MAX_ITER == 160000
+    assert cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupPolyLR"
+    assert cfg.SOLVER.POLY_LR_POWER == 0.9 and cfg.SOLVER.WARMUP_ITERS == 0
+    assert cfg.INPUT.CROP.ENABLED and cfg.INPUT.CROP.TYPE == "absolute"
+    assert tuple(cfg.INPUT.CROP.SIZE) == (512, 512)
+    assert cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA == 1.0
+    assert cfg.INPUT.COLOR_AUG_SSD and cfg.INPUT.SIZE_DIVISIBILITY == 512
+    assert list(cfg.INPUT.MIN_SIZE_TRAIN) == [int(x * 0.1 * 512) for x in range(5, 21)]
+    assert cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING == "choice"
+    assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TEST) == (512, 2048, 2048)
+    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 150
+    assert cfg.INPUT.DATASET_MAPPER_NAME == "mask_former_semantic"
+    t = cfg.MODEL.MASK_FORMER.TEST
+    assert (t.SEMANTIC_ON, t.INSTANCE_ON, t.PANOPTIC_ON) == (True, False, False)
+    assert tuple(cfg.DATASETS.TRAIN) == ("ade20k_sem_seg_train",)
+    # The official R101 file is named "90k" but inherits the 160k schedule.
+    r101 = cfg_of("ade20k/semantic-segmentation/maskformer2_R101_bs16_90k.yaml")
+    assert r101.SOLVER.MAX_ITER == 160000 and r101.MODEL.RESNETS.DEPTH == 101
+
+
+@pytest.mark.parametrize("variant, crop", [
+    ("tiny_bs16_160k", 512), ("small_bs16_160k", 512), ("base_384_bs16_160k_res640", 640),
+    ("base_IN21k_384_bs16_160k_res640", 640), ("large_IN21k_384_bs16_160k_res640", 640),
+])
+def test_ade20k_semantic_swin(variant, crop):
+    cfg = cfg_of(f"ade20k/semantic-segmentation/swin/maskformer2_swin_{variant}.yaml")
+    assert tuple(cfg.INPUT.CROP.SIZE) == (crop, crop)
+    assert cfg.INPUT.SIZE_DIVISIBILITY == crop and cfg.INPUT.MIN_SIZE_TEST == crop
+    assert list(cfg.INPUT.MIN_SIZE_TRAIN) == [int(x * 0.1 * crop) for x in range(5, 21)]
+    assert cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES == 100  # 200 only for panoptic / instance Swin-L
+    assert cfg.SOLVER.MAX_ITER == 160000
+
+
+@pytest.mark.parametrize("task, mapper, ncls", [
+    ("panoptic-segmentation", "mask_former_panoptic", 150),
+    ("instance-segmentation", "mask_former_instance", 100),
+])
+def test_ade20k_panoptic_instance(task, mapper, ncls):
+    cfg = cfg_of(f"ade20k/{task}/maskformer2_R50_bs16_160k.yaml")
+    assert cfg.INPUT.DATASET_MAPPER_NAME == mapper
+    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == ncls
+    assert tuple(cfg.INPUT.CROP.SIZE) == (640, 640)  # 640 for every backbone in these two tasks
+    assert cfg.SOLVER.MAX_ITER == 160000 and cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupPolyLR"
+    large = cfg_of(f"ade20k/{task}/swin/maskformer2_swin_large_IN21k_384_bs16_160k.yaml")
+    assert large.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES == 200
+
+
+@pytest.mark.parametrize("task, mapper, ncls, swin_l_queries, flags", [
+    ("semantic-segmentation", "mask_former_semantic", 19, 100, (True, False, False)),
+    ("panoptic-segmentation", "mask_former_panoptic", 19, 200, (True, True, True)),
+    ("instance-segmentation", "mask_former_instance", 8, 200, (False, True, False)),
+])
+def test_cityscapes(task, mapper, ncls, swin_l_queries, flags):
+    cfg = cfg_of(f"cityscapes/{task}/maskformer2_R50_bs16_90k.yaml")
+    assert cfg.SOLVER.MAX_ITER == 90000
+    assert cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupPolyLR"
+    assert tuple(cfg.INPUT.CROP.SIZE) == (512, 1024)
+    assert list(cfg.INPUT.MIN_SIZE_TRAIN) == [int(x * 0.1 * 1024) for x in range(5, 21)]
+    assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TEST) == (1024, 4096, 2048)
+    assert cfg.INPUT.SIZE_DIVISIBILITY == -1
+    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == ncls
+    assert cfg.MODEL.RESNETS.NORM == "SyncBN"
+    assert cfg.INPUT.DATASET_MAPPER_NAME == mapper
+    t = cfg.MODEL.MASK_FORMER.TEST
+    assert (t.SEMANTIC_ON, t.INSTANCE_ON, t.PANOPTIC_ON) == flags
+    large = cfg_of(f"cityscapes/{task}/swin/maskformer2_swin_large_IN21k_384_bs16_90k.yaml")
+    assert large.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES == swin_l_queries
+    assert large.SOLVER.MAX_ITER == 90000 and tuple(large.INPUT.CROP.SIZE) == (512, 1024)

@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Run a model on images and draw its panoptic / instance / semantic results.
+
+    python tools/demo.py --config-file CONFIG.yaml --input a.jpg b.png --output out/ \\
+        --opts MODEL.WEIGHTS model.pth
+
+Works on CPU and GPU (MODEL.DEVICE). Class names and colours come from the metadata of the first
+test dataset (DATASETS.TEST), else the first training dataset.
+"""
+import argparse
+import logging
+import os
+import sys
+
+from detectron2.data import MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor
+from detectron2.utils.logger import setup_logger
+from PIL import Image, UnidentifiedImageError
+
+import kmax_m2f
+from kmax_m2f.config import ConfigError
+from kmax_m2f.visualization import draw_predictions
+
+logger = logging.getLogger("kmax_m2f.demo")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--input", nargs="+", required=True, help="image files")
+    parser.add_argument("--output", required=True, help="folder for the drawings (created if needed)")
+    parser.add_argument("--confidence-threshold", type=float, default=0.5, help="for instance results")
+    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logger(name="kmax_m2f")
+    missing = [path for path in args.input if not os.path.isfile(path)]
+    if missing:
+        sys.exit(f"demo.py: input file(s) not found: {missing}")
+    try:
+        cfg = kmax_m2f.build_config(args.config_file, args.opts)
+    except ConfigError as e:
+        sys.exit(f"demo.py: {e}")
+    cfg.freeze()
+    datasets = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
+    metadata = MetadataCatalog.get(datasets[0] if datasets else "__unused")
+    predictor = DefaultPredictor(cfg)
+    os.makedirs(args.output, exist_ok=True)
+    for path in args.input:
+        try:
+            # Grey, palette and RGBA files are converted to 3 channels here.
+            image_bgr = read_image(path, format="BGR")
+        except (UnidentifiedImageError, OSError) as e:
+            sys.exit(f"demo.py: cannot read {path} as an image ({e})")
+        if image_bgr.size == 0:
+            sys.exit(f"demo.py: {path} is an empty image")
+        predictions = predictor(image_bgr)
+        drawing = draw_predictions(image_bgr[:, :, ::-1], predictions, metadata, args.confidence_threshold)
+        out_path = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
+        Image.fromarray(drawing).save(out_path)
+        logger.info("%s -> %s (%s)", path, out_path, ", ".join(sorted(predictions)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
