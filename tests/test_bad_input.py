@@ -94,3 +94,13 @@ def test_json_stays_untouched_after_a_failed_load(tmp_path, datasets_dir):
         DatasetCatalog.get("pytest_no_semseg_panoptic_val")
     assert (root / "annotations" / "panoptic_val.json").read_bytes() == before
     assert json.loads(before)["annotations"]
+
+
+def test_wrong_num_classes_stops_before_training(synthetic_prefix):
+    from detectron2.modeling import build_model
+
+    cfg = kmax_m2f.build_config(str(REPO / "tests/configs/tiny_maskformer_panoptic.yaml"), [
+        "DATASETS.TRAIN", f"('{synthetic_prefix}_panoptic_train',)", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "80",
+    ])
+    with pytest.raises(ValueError, match=r"NUM_CLASSES=80.*has 8 classes.*NUM_CLASSES 8"):
+        build_model(cfg)
