@@ -2,7 +2,7 @@
 
 The C++ CPU kernel is always built. The CUDA kernel is added when a CUDA toolkit (nvcc) is found,
 or when ``FORCE_CUDA=1``; ``FORCE_CUDA=0`` disables it. ``TORCH_CUDA_ARCH_LIST`` picks the target
-architectures (it must be set when no GPU is visible, e.g. "8.0;9.0").
+architectures (default when no GPU is visible: "8.0;9.0+PTX").
 """
 import glob
 import os
@@ -72,7 +72,9 @@ def get_extensions():
     if not sources:
         return []
     define_macros = []
-    extra_compile_args = {"cxx": ["-O3", "-std=c++17"]}
+    # No -std flag: torch's BuildExtension adds the standard its headers need (torch 2.14's
+    # require C++20, so a fixed -std=c++17 breaks the build).
+    extra_compile_args = {"cxx": ["-O3"]}
     extra_link_args = []
     if torch.backends.openmp.is_available():
         # at::parallel_for is inlined from ATen's OpenMP header: without -fopenmp it runs serially.
@@ -87,15 +89,15 @@ def get_extensions():
         # torch reads CUDA_HOME when cpp_extension is imported; re-point it at the toolkit found.
         cpp_extension.CUDA_HOME = cuda_home
         if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            # Without a visible GPU torch cannot guess the architectures; build the common ones.
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+            # Without a visible GPU torch cannot guess the architectures; build the common ones,
+            # plus PTX that newer GPUs compile at load time.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         extension = cpp_extension.CUDAExtension
         sources += [os.path.relpath(p, ROOT) for p in sorted((ROOT / CSRC / "cuda").glob("*.cu"))]
         define_macros.append(("WITH_CUDA", None))
         include_dirs += _nvidia_wheel_include_dirs()
         extra_compile_args["nvcc"] = [
             "-O3",
-            "-std=c++17",
             "-DCUDA_HAS_FP16=1",
             "-D__CUDA_NO_HALF_OPERATORS__",
             "-D__CUDA_NO_HALF_CONVERSIONS__",

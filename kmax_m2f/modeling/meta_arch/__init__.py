@@ -1,0 +1,3 @@
+from .mask_former import MaskFormer
+
+__all__ = ["MaskFormer"]

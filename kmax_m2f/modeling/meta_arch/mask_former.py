@@ -1,0 +1,212 @@
+"""MaskFormer meta-architecture (Mask2Former): backbone -> MaskFormerHead -> set criterion /
+semantic, panoptic and instance post-processing."""
+import logging
+from typing import Optional
+
+import torch
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, build_sem_seg_head
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import ImageList, Instances
+from detectron2.utils.memory import retry_if_cuda_oom
+from torch import nn
+from torch.nn import functional as F
+
+from ..criterion import SetCriterion, build_weight_dict
+from ..matcher import HungarianMatcher
+from ..postprocess import instance_inference, panoptic_inference, semantic_inference
+
+logger = logging.getLogger(__name__)
+
+
+def _check_num_classes(cfg) -> None:
+    """A NUM_CLASSES that disagrees with the training set's metadata trains a wrong class head
+    silently; say so before any compute is spent."""
+    if not cfg.DATASETS.TRAIN:
+        return
+    dataset = cfg.DATASETS.TRAIN[0]
+    metadata = MetadataCatalog.get(dataset)
+    classes = metadata.get("stuff_classes") or metadata.get("thing_classes")
+    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    if classes and len(classes) != num_classes:
+        raise ValueError(
+            f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={num_classes}, but dataset '{dataset}' has "
+            f"{len(classes)} classes. Set MODEL.SEM_SEG_HEAD.NUM_CLASSES {len(classes)}."
+        )
+
+
+@META_ARCH_REGISTRY.register()
+class MaskFormer(nn.Module):
+    """Mask classification: each of Q queries predicts a class (K + "no object") and a mask.
+
+    Training input: detectron2 dicts with "image" [3, H, W] and "instances" (gt_classes [N],
+    gt_masks [N, H, W]). Inference output per image: "sem_seg" [K, H, W], "panoptic_seg"
+    (ids [H, W], segments_info) and/or "instances", per the TEST.*_ON switches.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        sem_seg_head: nn.Module,
+        criterion: nn.Module,
+        num_queries: int,
+        object_mask_threshold: float,
+        overlap_threshold: float,
+        metadata,
+        size_divisibility: int,
+        sem_seg_postprocess_before_inference: bool,
+        pixel_mean: tuple[float, ...],
+        pixel_std: tuple[float, ...],
+        semantic_on: bool,
+        panoptic_on: bool,
+        instance_on: bool,
+        test_topk_per_image: int,
+        deep_supervision: bool = True,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        self.criterion = criterion
+        self.num_queries = num_queries
+        self.overlap_threshold = overlap_threshold
+        self.object_mask_threshold = object_mask_threshold
+        self.metadata = metadata
+        if size_divisibility < 0:
+            size_divisibility = self.backbone.size_divisibility
+        self.size_divisibility = size_divisibility
+        self.sem_seg_postprocess_before_inference = sem_seg_postprocess_before_inference
+        # Not persistent: official checkpoints do not store them.
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.semantic_on = semantic_on
+        self.instance_on = instance_on
+        self.panoptic_on = panoptic_on
+        self.test_topk_per_image = test_topk_per_image
+        self.deep_supervision = deep_supervision
+        if not (semantic_on or instance_on or panoptic_on):
+            raise ValueError("MODEL.MASK_FORMER.TEST: switch on at least one of SEMANTIC_ON, INSTANCE_ON, PANOPTIC_ON")
+
+    @classmethod
+    def from_config(cls, cfg):
+        _check_num_classes(cfg)
+        mf = cfg.MODEL.MASK_FORMER
+        backbone = build_backbone(cfg)
+        sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
+
+        matcher = HungarianMatcher(
+            cost_class=mf.CLASS_WEIGHT, cost_mask=mf.MASK_WEIGHT, cost_dice=mf.DICE_WEIGHT,
+            num_points=mf.TRAIN_NUM_POINTS,
+        )
+        weight_dict = build_weight_dict(
+            {"loss_ce": mf.CLASS_WEIGHT, "loss_mask": mf.MASK_WEIGHT, "loss_dice": mf.DICE_WEIGHT},
+            # One auxiliary prediction per decoder output but the last.
+            num_aux_outputs=mf.DEC_LAYERS - 1 if mf.DEEP_SUPERVISION else 0,
+        )
+        criterion = SetCriterion(
+            sem_seg_head.num_classes,
+            matcher=matcher,
+            weight_dict=weight_dict,
+            eos_coef=mf.NO_OBJECT_WEIGHT,
+            losses=["labels", "masks"],
+            num_points=mf.TRAIN_NUM_POINTS,
+            oversample_ratio=mf.OVERSAMPLE_RATIO,
+            importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
+        )
+        test = mf.TEST
+        return {
+            "deep_supervision": mf.DEEP_SUPERVISION,
+            "backbone": backbone,
+            "sem_seg_head": sem_seg_head,
+            "criterion": criterion,
+            "num_queries": mf.NUM_OBJECT_QUERIES,
+            "object_mask_threshold": test.OBJECT_MASK_THRESHOLD,
+            "overlap_threshold": test.OVERLAP_THRESHOLD,
+            "metadata": MetadataCatalog.get(cfg.DATASETS.TRAIN[0]) if cfg.DATASETS.TRAIN else None,
+            "size_divisibility": mf.SIZE_DIVISIBILITY,
+            # Panoptic and instance results need masks at the input resolution first.
+            "sem_seg_postprocess_before_inference": (
+                test.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE or test.PANOPTIC_ON or test.INSTANCE_ON
+            ),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "semantic_on": test.SEMANTIC_ON,
+            "instance_on": test.INSTANCE_ON,
+            "panoptic_on": test.PANOPTIC_ON,
+            "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def _thing_ids(self) -> set[int]:
+        if self.metadata is None or not self.metadata.get("thing_dataset_id_to_contiguous_id"):
+            raise ValueError(
+                "Panoptic / instance inference needs the training set's thing classes: set "
+                "DATASETS.TRAIN to a dataset whose metadata has thing_dataset_id_to_contiguous_id."
+            )
+        return set(self.metadata.thing_dataset_id_to_contiguous_id.values())
+
+    def forward(self, batched_inputs: list[dict]):
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = ImageList.from_tensors(images, self.size_divisibility)
+        outputs = self.sem_seg_head(self.backbone(images.tensor))
+
+        if self.training:
+            if "instances" not in batched_inputs[0]:
+                raise ValueError(
+                    "MaskFormer training needs 'instances' in each input: use a mask_former_* or *_lsj "
+                    "INPUT.DATASET_MAPPER_NAME."
+                )
+            targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images)
+            if not self.deep_supervision:
+                outputs.pop("aux_outputs", None)
+            return self.criterion.weighted_losses(self.criterion(outputs, targets))
+
+        mask_logits = F.interpolate(
+            outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
+        )
+        return [
+            self._inference_single(class_logits, masks, inputs, image_size)
+            for class_logits, masks, inputs, image_size in zip(
+                outputs["pred_logits"], mask_logits, batched_inputs, images.image_sizes
+            )
+        ]
+
+    def _inference_single(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor, inputs: dict, image_size) -> dict:
+        height = inputs.get("height", image_size[0])
+        width = inputs.get("width", image_size[1])
+        result = {}
+        if self.sem_seg_postprocess_before_inference:
+            mask_pred = retry_if_cuda_oom(sem_seg_postprocess)(mask_pred, image_size, height, width)
+            mask_cls = mask_cls.to(mask_pred)
+        if self.semantic_on:
+            semantic = retry_if_cuda_oom(semantic_inference)(mask_cls, mask_pred)
+            if not self.sem_seg_postprocess_before_inference:
+                semantic = retry_if_cuda_oom(sem_seg_postprocess)(semantic, image_size, height, width)
+            result["sem_seg"] = semantic
+        if self.panoptic_on:
+            result["panoptic_seg"] = retry_if_cuda_oom(panoptic_inference)(
+                mask_cls, mask_pred, self._thing_ids(), self.object_mask_threshold, self.overlap_threshold
+            )
+        if self.instance_on:
+            result["instances"] = retry_if_cuda_oom(instance_inference)(
+                mask_cls, mask_pred, self.test_topk_per_image, self._thing_ids() if self.panoptic_on else None
+            )
+        return result
+
+    def prepare_targets(self, targets: list[Instances], images: ImageList) -> list[dict]:
+        """Pad each image's gt masks to the batch's padded size: {"labels": [N], "masks": [N, H, W]}."""
+        padded_height, padded_width = images.tensor.shape[-2:]
+        prepared = []
+        for instances in targets:
+            gt_masks = instances.gt_masks
+            if not isinstance(gt_masks, torch.Tensor):
+                gt_masks = gt_masks.tensor  # BitMasks from detectron2's own mappers
+            padded = gt_masks.new_zeros((gt_masks.shape[0], padded_height, padded_width))
+            padded[:, : gt_masks.shape[1], : gt_masks.shape[2]] = gt_masks
+            prepared.append({"labels": instances.gt_classes, "masks": padded})
+        return prepared

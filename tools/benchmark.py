@@ -1,0 +1,353 @@
+#!/usr/bin/env python3
+"""The project's benchmarks: one subcommand per measured component.
+
+    python tools/benchmark.py ms_deform_attn [--device cpu|cuda] [--repeats N] [--threads T]
+
+Each subcommand prints a markdown table (ready for BENCHMARKS.md). Every figure is measured in a
+fresh child process, so that one measurement's allocations, caches and thread pools do not leak
+into the next:
+- time: median over ``--repeats`` calls after ``--warmup`` calls;
+- CPU memory: peak resident set size during the first call, minus the resident set size just
+  before it (inputs already allocated). That child runs with a fixed glibc mmap threshold, so
+  freed temporaries go back to the system instead of hiding later allocations, and resets the
+  kernel's peak-RSS counter (/proc/self/clear_refs) just before the call. Where that reset is
+  refused, the peak since the child started is used (getrusage ru_maxrss), which can only
+  overstate;
+- CUDA memory: torch.cuda.max_memory_allocated during the first call, minus the memory allocated
+  before it.
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    # Run from a checkout without installing the package.
+    sys.path.insert(0, str(REPO))
+
+MIB = 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement helpers (run inside the child process)
+
+
+def _current_rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (Linux VmHWM); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss_bytes(was_reset: bool) -> int:
+    if was_reset:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kilobytes, macOS bytes.
+    return max_rss if sys.platform == "darwin" else max_rss * 1024
+
+
+def _measure_time(step: Callable[[], object], device: str, repeats: int, warmup: int) -> float:
+    """Median wall time of ``step`` in milliseconds, after ``warmup`` untimed calls."""
+    import torch
+
+    def synchronize() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        step()
+    synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = step()
+        synchronize()
+        times.append(time.perf_counter() - start)
+        del result
+    return 1000 * statistics.median(times)
+
+
+def _measure_peak_memory(step: Callable[[], object], device: str) -> tuple[float, bool]:
+    """Peak memory of the first call of ``step`` above what was allocated before it, in MiB, and
+    whether the figure is exact (see the module docstring)."""
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        memory_before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - memory_before) / MIB, True
+    rss_before = _current_rss_bytes()
+    exact = _reset_peak_rss()
+    step()
+    return (_peak_rss_bytes(exact) - rss_before) / MIB, exact
+
+
+def _run_child(command: list[str], threads: int, metric: str) -> dict:
+    """Run this script in a fresh process on ``command`` and return the JSON it prints last."""
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["MKL_NUM_THREADS"] = str(threads)
+    if metric == "memory":
+        # A fixed threshold turns off glibc's dynamic one: large blocks are always mmap'ed and
+        # unmapped on free, so the resident set follows the live allocations.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    completed = subprocess.run(
+        [sys.executable, __file__, *command], env=env, capture_output=True, text=True
+    )
+    if completed.returncode != 0:
+        sys.exit(f"benchmark child {command} failed:\n{completed.stderr}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _machine_description(device: str, threads: int) -> str:
+    import torch
+
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}"
+
+
+def _ratio(numerator: float, denominator: float) -> str:
+    return f"{numerator / denominator:.1f}x" if denominator > 0 else "n/a"
+
+
+# ---------------------------------------------------------------------------------------------
+# ms_deform_attn: the multi-scale deformable attention op at Mask2Former R50 sizes
+
+
+MS_DEFORM_ATTN_MODES = ("forward", "forward+backward")
+
+
+def _ms_deform_attn_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument(
+        "--levels",
+        default="128x128,64x64,32x32",
+        help="HxW per level; default: strides 8/16/32 of a 1024x1024 crop (Mask2Former R50)",
+    )
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--points", type=int, default=4)
+    # Internal: one measurement, run in a child process.
+    parser.add_argument(
+        "--measure", nargs=3, metavar=("IMPL", "MODE", "METRIC"), help=argparse.SUPPRESS
+    )
+
+
+def _ms_deform_attn_inputs(args: argparse.Namespace) -> tuple:
+    """Inputs of the pixel decoder's encoder: every pixel of every level is a query, its
+    reference point is its own centre, and offsets spread a few pixels around it."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    levels = [tuple(int(size) for size in level.split("x")) for level in args.levels.split(",")]
+    spatial_shapes = torch.tensor(levels, dtype=torch.int64)
+    level_sizes = spatial_shapes.prod(dim=1)
+    level_start_index = torch.cumsum(level_sizes, dim=0) - level_sizes
+    num_values = int(level_sizes.sum())
+    batch, heads, points, num_levels = args.batch, args.heads, args.points, len(levels)
+
+    centres = []
+    for height, width in levels:
+        ys, xs = torch.meshgrid(
+            (torch.arange(height) + 0.5) / height,
+            (torch.arange(width) + 0.5) / width,
+            indexing="ij",
+        )
+        centres.append(torch.stack([xs.flatten(), ys.flatten()], dim=-1))
+    reference_points = torch.cat(centres)  # [Lq, 2]
+    num_queries = reference_points.shape[0]
+    pixel_size = 1.0 / spatial_shapes.flip(-1).float()  # (1/W, 1/H) per level
+    sampling_locations = torch.randn(
+        batch, num_queries, heads, num_levels, points, 2, generator=generator
+    )
+    sampling_locations.mul_(2.0 * pixel_size[:, None, :])  # offsets of ~2 pixels
+    sampling_locations.add_(reference_points[None, :, None, None, None, :])
+    attention_weights = torch.randn(
+        batch, num_queries, heads, num_levels * points, generator=generator
+    ).softmax(dim=-1)
+    attention_weights = attention_weights.view(batch, num_queries, heads, num_levels, points)
+    value = torch.randn(batch, num_values, heads, args.head_dim, generator=generator)
+    grad_output = torch.randn(batch, num_queries, heads * args.head_dim, generator=generator)
+    tensors = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return tuple(tensor.to(args.device) for tensor in tensors), grad_output.to(args.device)
+
+
+def _ms_deform_attn_measure(args: argparse.Namespace) -> dict:
+    import torch
+
+    from kmax_m2f.layers.ms_deform_attn import MSDeformAttnFunction, ms_deform_attn_reference
+
+    torch.set_num_threads(args.threads)
+    implementation, mode, metric = args.measure
+    function = {"kernel": MSDeformAttnFunction.apply, "reference": ms_deform_attn_reference}[
+        implementation
+    ]
+    inputs, grad_output = _ms_deform_attn_inputs(args)
+    value, spatial_shapes, level_start_index, locations, weights = inputs
+    differentiable = (value, locations, weights)
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return function(*inputs)
+
+    def forward_backward() -> tuple[torch.Tensor, ...]:
+        leaves = [tensor.detach().requires_grad_(True) for tensor in differentiable]
+        output = function(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2])
+        return torch.autograd.grad(output, leaves, grad_output)
+
+    step = forward if mode == "forward" else forward_backward
+    if metric == "time":
+        return {"time_ms": _measure_time(step, args.device, args.repeats, args.warmup)}
+    peak_mib, exact = _measure_peak_memory(step, args.device)
+    return {"peak_mib": peak_mib, "peak_is_exact": exact}
+
+
+def _ms_deform_attn_run(args: argparse.Namespace) -> None:
+    if args.measure:
+        print(json.dumps(_ms_deform_attn_measure(args)))
+        return
+    import torch
+
+    from kmax_m2f.layers.ms_deform_attn.functions import _load_extension
+
+    extension, import_error = _load_extension()
+    if extension is None:
+        sys.exit(f"kmax_m2f._C is not built ({import_error}): run `make setup` first")
+    if args.device == "cuda" and not (torch.cuda.is_available() and extension.has_cuda()):
+        sys.exit("--device cuda needs a visible GPU and kmax_m2f._C built with CUDA")
+
+    forwarded = [
+        "ms_deform_attn",
+        "--device",
+        args.device,
+        "--repeats",
+        str(args.repeats),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--batch",
+        str(args.batch),
+        "--levels",
+        args.levels,
+        "--heads",
+        str(args.heads),
+        "--head-dim",
+        str(args.head_dim),
+        "--points",
+        str(args.points),
+    ]
+    results = {}
+    for implementation in ("reference", "kernel"):
+        for mode in MS_DEFORM_ATTN_MODES:
+            print(f"measuring {implementation} {mode} ...", file=sys.stderr)
+            results[implementation, mode] = {}
+            for metric in ("time", "memory"):
+                results[implementation, mode].update(
+                    _run_child(
+                        forwarded + ["--measure", implementation, mode, metric],
+                        args.threads,
+                        metric,
+                    )
+                )
+
+    kernel_name = "CUDA kernel" if args.device == "cuda" else "C++ CPU kernel"
+    levels = args.levels.replace(",", ", ")
+    queries = sum(
+        int(h) * int(w) for h, w in (level.split("x") for level in args.levels.split(","))
+    )
+    memory_kind = "peak CUDA memory" if args.device == "cuda" else "peak RSS increase"
+    print(
+        f"MSDeformAttn op, batch {args.batch}, levels {levels}, {args.heads} heads x "
+        f"{args.head_dim} channels, {args.points} points, {queries} queries; "
+        f"{_machine_description(args.device, args.threads)}; median of {args.repeats}.\n"
+    )
+    print(
+        f"| implementation | forward (ms) | forward+backward (ms) | forward {memory_kind} (MiB) "
+        f"| forward+backward {memory_kind} (MiB) |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    names = {"reference": "PyTorch reference (grid_sample)", "kernel": f"kmax_m2f._C {kernel_name}"}
+    for implementation, name in names.items():
+        row = [results[implementation, mode] for mode in MS_DEFORM_ATTN_MODES]
+        print(
+            f"| {name} | {row[0]['time_ms']:.1f} | {row[1]['time_ms']:.1f} "
+            f"| {row[0]['peak_mib']:.1f} | {row[1]['peak_mib']:.1f} |"
+        )
+    reference = [results["reference", mode] for mode in MS_DEFORM_ATTN_MODES]
+    kernel = [results["kernel", mode] for mode in MS_DEFORM_ATTN_MODES]
+    print(
+        "| reference / kernel | "
+        + " | ".join(_ratio(r["time_ms"], k["time_ms"]) for r, k in zip(reference, kernel))
+        + " | "
+        + " | ".join(_ratio(r["peak_mib"], k["peak_mib"]) for r, k in zip(reference, kernel))
+        + " |"
+    )
+    if not all(result["peak_is_exact"] for result in results.values()):
+        print("\n(peak RSS could not be reset before the call: memory is the peak since start)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+# name -> (help, add its arguments, run it). Later components add their entry here.
+SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "ms_deform_attn": (
+        "multi-scale deformable attention: native kernel vs PyTorch reference",
+        _ms_deform_attn_args,
+        _ms_deform_attn_run,
+    ),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    subparsers = parser.add_subparsers(dest="benchmark", required=True)
+    for name, (help_text, add_arguments, run) in SUBCOMMANDS.items():
+        subparser = subparsers.add_parser(name, help=help_text)
+        subparser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+        subparser.add_argument("--repeats", type=int, default=5, help="timed calls (median)")
+        subparser.add_argument("--warmup", type=int, default=1, help="untimed calls first")
+        subparser.add_argument("--threads", type=int, default=2, help="CPU threads (torch)")
+        add_arguments(subparser)
+        subparser.set_defaults(run=run)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
