@@ -1,5 +1,6 @@
 """Building blocks shared by the models of kmax_m2f."""
 
+from .layer_norm import LayerNorm2d
 from .ms_deform_attn import MSDeformAttn, MSDeformAttnFunction, ms_deform_attn
 
-__all__ = ["MSDeformAttn", "MSDeformAttnFunction", "ms_deform_attn"]
+__all__ = ["LayerNorm2d", "MSDeformAttn", "MSDeformAttnFunction", "ms_deform_attn"]

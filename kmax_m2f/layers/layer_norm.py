@@ -1,0 +1,26 @@
+"""LayerNorm over the channels of NCHW maps (ConvNeXt, kMaX-DeepLab)."""
+import torch
+from torch import nn
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a [B, C, H, W] map (parameters ``weight``, ``bias`` of
+    shape [C]).
+
+    A subclass of ``nn.LayerNorm`` so that the optimizer's parameter groups treat it as a norm
+    (no weight decay). Half-precision inputs are normalised in float32 and returned as float32,
+    as the official one does under autocast: half-precision statistics over many channels lose
+    accuracy, and keeping its dtypes keeps the AMP numerics the same.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__(channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, C, H, W], float32 for half-precision inputs."""
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        # Reducing over dim 1 directly keeps the NCHW layout (a permute to channels-last
+        # and back would hand the next layers a non-contiguous tensor).
+        var, mean = torch.var_mean(x, dim=1, correction=0, keepdim=True)
+        x = (x - mean) * torch.rsqrt(var + self.eps)
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
