@@ -13,6 +13,7 @@ masks differs (semantic PNG, COCO-panoptic PNG, COCO instance annotations):
 :class:`MaskFormerMapperBase` holds that pipeline; the subclasses fill in steps 2 and 5.
 """
 
+import abc
 import copy
 import logging
 from typing import Any, Iterable, Optional, Union
@@ -219,7 +220,7 @@ def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarr
 # ---------------------------------------------------------------------------------------------
 # The pipeline
 # ---------------------------------------------------------------------------------------------
-class MaskFormerMapperBase:
+class MaskFormerMapperBase(abc.ABC):
     """Turns one catalog record into Mask2Former's training input (training only):
 
     - ``"image"``: [C, H, W] uint8 tensor (C = 3 for RGB / BGR), augmented and padded;
@@ -283,6 +284,7 @@ class MaskFormerMapperBase:
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
         }
 
+    @abc.abstractmethod
     def read_labels(self, record: dict, image: np.ndarray) -> tuple[Optional[np.ndarray], Any]:
         """Read and check the record's labels (popping the fields the model must not see).
 
@@ -290,14 +292,13 @@ class MaskFormerMapperBase:
             the [H, W] float64 semantic map to augment along with the image (None if the record
             has none), and whatever :meth:`segments` needs, in the un-augmented geometry.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def segments(
         self, labels: Any, transforms: T.TransformList, aug_input: T.AugInput
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``gt_classes`` [N] int64 and ``gt_masks`` [N, h, w] bool in the augmented geometry
         (h, w = ``aug_input.image.shape[:2]``, before padding)."""
-        raise NotImplementedError
 
     def finish(self, record: dict, transforms: T.TransformList, input_hw: tuple[int, int]) -> None:
         """Last changes to the output ``record`` (in place); ``input_hw`` is the image size
