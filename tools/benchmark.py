@@ -2,6 +2,7 @@
 """The project's benchmarks: one subcommand per measured component.
 
     python tools/benchmark.py ms_deform_attn [--device cpu|cuda] [--repeats N] [--threads T]
+    python tools/benchmark.py mask2former [--device cpu|cuda] [--repeats N] [--threads T]
 
 Each subcommand prints a markdown table (ready for BENCHMARKS.md). Every figure is measured in a
 fresh child process, so that one measurement's allocations, caches and thread pools do not leak
@@ -322,6 +323,111 @@ def _ms_deform_attn_run(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# mask2former: whole-model inference latency and training step, random weights and inputs
+
+MASK2FORMER_R50 = "configs/coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml"
+MASK2FORMER_SYNTHETIC = "configs/synthetic/panoptic-segmentation/maskformer2_R18_synthetic.yaml"
+# (label, config, mode, height, width, batch)
+MASK2FORMER_CASES = [
+    ("R50 inference", MASK2FORMER_R50, "inference", 512, 512, 1),
+    ("R50 inference", MASK2FORMER_R50, "inference", 800, 1333, 1),
+    ("R50 training step, AdamW + clip", MASK2FORMER_R50, "train", 512, 512, 2),
+    ("synthetic R18 training step", MASK2FORMER_SYNTHETIC, "train", 256, 256, 8),
+]
+
+
+def _mask2former_args(parser: argparse.ArgumentParser) -> None:
+    # Internal: one measurement, run in a child process.
+    parser.add_argument("--measure", nargs=6, metavar=("CONFIG", "MODE", "H", "W", "BATCH", "METRIC"),
+                        help=argparse.SUPPRESS)
+
+
+def _mask2former_batch(height: int, width: int, batch: int, num_classes: int, with_targets: bool) -> list[dict]:
+    """Random images; for training, 10 random rectangular instances of random classes each."""
+    import torch
+    from detectron2.structures import Instances
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for _ in range(batch):
+        record = {"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator),
+                  "height": height, "width": width}
+        if with_targets:
+            masks = torch.zeros(10, height, width, dtype=torch.bool)
+            for mask in masks:
+                y0, x0 = (int(v) for v in torch.randint(0, min(height, width) // 2, (2,), generator=generator))
+                mask[y0 : y0 + height // 3, x0 : x0 + width // 3] = True
+            instances = Instances((height, width))
+            instances.gt_classes = torch.randint(0, num_classes, (10,), generator=generator)
+            instances.gt_masks = masks
+            record["instances"] = instances
+        inputs.append(record)
+    return inputs
+
+
+def _mask2former_measure(args: argparse.Namespace) -> dict:
+    import torch
+    from detectron2.modeling import build_model
+
+    import kmax_m2f
+    from kmax_m2f.engine import build_optimizer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config, mode, height, width, batch, metric = args.measure
+    height, width, batch = int(height), int(width), int(batch)
+    cfg = kmax_m2f.build_config(str(REPO / config), ["MODEL.DEVICE", args.device, "MODEL.WEIGHTS", ""])
+    model = build_model(cfg)
+    inputs = _mask2former_batch(height, width, batch, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, mode == "train")
+    if mode == "inference":
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                return model(inputs)
+
+    else:
+        model.train()
+        optimizer = build_optimizer(cfg, model)
+
+        def step():
+            losses = model(inputs)
+            optimizer.zero_grad()
+            sum(losses.values()).backward()
+            optimizer.step()
+
+    if metric == "time":
+        return {"time_ms": _measure_time(step, args.device, args.repeats, args.warmup)}
+    peak_mib, exact = _measure_peak_memory(step, args.device)
+    # The whole process's peak too (model, optimizer state, activations): what a user's machine
+    # must hold, and how the official code's figures in shared/spec/baselines.md were taken.
+    total_mib = torch.cuda.max_memory_allocated() / MIB if args.device == "cuda" else _peak_rss_bytes(exact) / MIB
+    return {"peak_mib": peak_mib, "peak_total_mib": total_mib, "peak_is_exact": exact}
+
+
+def _mask2former_run(args: argparse.Namespace) -> None:
+    if args.measure:
+        print(json.dumps(_mask2former_measure(args)))
+        return
+    common = ["mask2former", "--device", args.device, "--repeats", str(args.repeats), "--warmup",
+              str(args.warmup), "--threads", str(args.threads)]
+    memory_kind = "peak CUDA memory" if args.device == "cuda" else "peak RSS increase"
+    print(f"Mask2Former, random weights and inputs; {_machine_description(args.device, args.threads)}; "
+          f"median of {args.repeats} after {args.warmup} warm-up.\n")
+    total_kind = "process peak CUDA memory" if args.device == "cuda" else "process peak RSS"
+    print(f"| what | config | input | batch | median s | {memory_kind} (MiB) | {total_kind} (MiB) |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for label, config, mode, height, width, batch in MASK2FORMER_CASES:
+        print(f"measuring {label} {height}x{width} ...", file=sys.stderr)
+        measured = {}
+        for metric in ("time", "memory"):
+            measured.update(_run_child(common + ["--measure", config, mode, str(height), str(width), str(batch),
+                                                 metric], args.threads, metric))
+        print(f"| {label} | {Path(config).name} | {height}x{width} | {batch} | "
+              f"{measured['time_ms'] / 1000:.2f} | {measured['peak_mib']:.0f} | {measured['peak_total_mib']:.0f} |")
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 
 # name -> (help, add its arguments, run it). Later components add their entry here.
@@ -330,6 +436,11 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         "multi-scale deformable attention: native kernel vs PyTorch reference",
         _ms_deform_attn_args,
         _ms_deform_attn_run,
+    ),
+    "mask2former": (
+        "Mask2Former: inference latency and training step (R50, synthetic R18)",
+        _mask2former_args,
+        _mask2former_run,
     ),
 }
 
