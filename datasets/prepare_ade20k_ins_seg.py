@@ -32,21 +32,15 @@ from kmax_m2f.data.datasets.checks import (  # noqa: E402
     require_file,
 )
 from kmax_m2f.data.datasets.register_ade20k_instance import (  # noqa: E402
+    ADE20K_IMAGES_HINT,
     ADE20K_INSTANCE_CATEGORIES,
+    ADE20K_INSTANCE_HINT,
+    ADE20K_SPLIT_FOLDERS,
 )
 
 logger = logging.getLogger("kmax_m2f.datasets.prepare_ade20k_ins_seg")
 
-SPLITS = {"train": "training", "val": "validation"}
 _NAME = "ADE20K (prepare_ade20k_ins_seg.py)"
-_IMAGES_HINT = (
-    "Download ADEChallengeData2016.zip from http://sceneparsing.csail.mit.edu/ and extract it "
-    "into $DETECTRON2_DATASETS."
-)
-_INSTANCE_HINT = (
-    "Download the instance annotations (http://sceneparsing.csail.mit.edu/data/ChallengeData2017/"
-    "annotations_instance.tar) and extract them into ADEChallengeData2016/."
-)
 
 
 def ade20k_to_instances(
@@ -86,22 +80,22 @@ def ade20k_to_instances(
 def convert_ade20k_instance(ade_root: str, split: str) -> str:
     """Write ``ade20k_instance_{split}.json`` under ``ade_root`` (the ADEChallengeData2016 folder)
     for ``split`` "train" or "val"; returns its path."""
-    folder = SPLITS[split]
-    image_dir = require_dir(os.path.join(ade_root, "images", folder), _NAME, _IMAGES_HINT)
+    folder = ADE20K_SPLIT_FOLDERS[split]
+    image_dir = require_dir(os.path.join(ade_root, "images", folder), _NAME, ADE20K_IMAGES_HINT)
     instance_dir = require_dir(
-        os.path.join(ade_root, "annotations_instance", folder), _NAME, _INSTANCE_HINT
+        os.path.join(ade_root, "annotations_instance", folder), _NAME, ADE20K_INSTANCE_HINT
     )
     out_json = os.path.join(ade_root, f"ade20k_instance_{split}.json")
 
     file_names = sorted(f for f in os.listdir(image_dir) if f.endswith(".jpg"))
     if not file_names:
-        raise DatasetError(f"{image_dir!r} holds no .jpg images. {_IMAGES_HINT}")
+        raise DatasetError(f"{image_dir!r} holds no .jpg images. {ADE20K_IMAGES_HINT}")
     images, annotations = [], []
     for i, file_name in enumerate(file_names):
         stem = os.path.splitext(file_name)[0]
         width, height = Image.open(os.path.join(image_dir, file_name)).size
         instance_file = require_file(
-            os.path.join(instance_dir, stem + ".png"), _NAME, _INSTANCE_HINT
+            os.path.join(instance_dir, stem + ".png"), _NAME, ADE20K_INSTANCE_HINT
         )
         instance = np.asarray(Image.open(instance_file).convert("RGB"))
         if instance.shape[:2] != (height, width):
@@ -125,7 +119,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS))
+    splits = list(ADE20K_SPLIT_FOLDERS)
+    parser.add_argument("--splits", nargs="+", choices=splits, default=splits)
     args = parser.parse_args()
     setup_logger(name="kmax_m2f")
     for split in args.splits:

@@ -38,22 +38,16 @@ from kmax_m2f.data.datasets.checks import (  # noqa: E402
     require_file,
 )
 from kmax_m2f.data.datasets.register_ade20k_instance import (  # noqa: E402
+    ADE20K_IMAGES_HINT,
     ADE20K_INSTANCE_CATEGORIES,
+    ADE20K_INSTANCE_HINT,
+    ADE20K_SPLIT_FOLDERS,
 )
 from kmax_m2f.data.datasets.register_ade20k_panoptic import ADE20K_150_CATEGORIES  # noqa: E402
 
 logger = logging.getLogger("kmax_m2f.datasets.prepare_ade20k_pan_seg")
 
-SPLITS = {"train": "training", "val": "validation"}
 _NAME = "ADE20K (prepare_ade20k_pan_seg.py)"
-_IMAGES_HINT = (
-    "Download ADEChallengeData2016.zip from http://sceneparsing.csail.mit.edu/ and extract it "
-    "into $DETECTRON2_DATASETS."
-)
-_INSTANCE_HINT = (
-    "Download the instance annotations (http://sceneparsing.csail.mit.edu/data/ChallengeData2017/"
-    "annotations_instance.tar) and extract them into ADEChallengeData2016/."
-)
 
 
 def panoptic_categories() -> list[dict]:
@@ -70,7 +64,7 @@ def panoptic_categories() -> list[dict]:
 
 def read_instance_png(path: str, shape: tuple[int, int]) -> np.ndarray:
     """An annotations_instance PNG as an HxWx3 uint8 array, checked against the label's shape."""
-    instance = np.asarray(Image.open(require_file(path, _NAME, _INSTANCE_HINT)).convert("RGB"))
+    instance = np.asarray(Image.open(require_file(path, _NAME, ADE20K_INSTANCE_HINT)).convert("RGB"))
     if instance.shape[:2] != shape:
         raise DatasetError(
             f"{path}: size {instance.shape[1]}x{instance.shape[0]} differs from its image's "
@@ -146,11 +140,11 @@ def ade20k_to_panoptic(
 def convert_ade20k_panoptic(ade_root: str, split: str) -> str:
     """Write ``ade20k_panoptic_{split}/`` and ``ade20k_panoptic_{split}.json`` under ``ade_root``
     (the ADEChallengeData2016 folder) for ``split`` "train" or "val"; returns the JSON's path."""
-    folder = SPLITS[split]
-    image_dir = require_dir(os.path.join(ade_root, "images", folder), _NAME, _IMAGES_HINT)
-    semantic_dir = require_dir(os.path.join(ade_root, "annotations", folder), _NAME, _IMAGES_HINT)
+    folder = ADE20K_SPLIT_FOLDERS[split]
+    image_dir = require_dir(os.path.join(ade_root, "images", folder), _NAME, ADE20K_IMAGES_HINT)
+    semantic_dir = require_dir(os.path.join(ade_root, "annotations", folder), _NAME, ADE20K_IMAGES_HINT)
     instance_dir = require_dir(
-        os.path.join(ade_root, "annotations_instance", folder), _NAME, _INSTANCE_HINT
+        os.path.join(ade_root, "annotations_instance", folder), _NAME, ADE20K_INSTANCE_HINT
     )
     out_dir = os.path.join(ade_root, f"ade20k_panoptic_{split}")
     out_json = os.path.join(ade_root, f"ade20k_panoptic_{split}.json")
@@ -158,13 +152,13 @@ def convert_ade20k_panoptic(ade_root: str, split: str) -> str:
 
     file_names = sorted(f for f in os.listdir(image_dir) if f.endswith(".jpg"))
     if not file_names:
-        raise DatasetError(f"{image_dir!r} holds no .jpg images. {_IMAGES_HINT}")
+        raise DatasetError(f"{image_dir!r} holds no .jpg images. {ADE20K_IMAGES_HINT}")
     categories = panoptic_categories()
     categories_by_id = {c["id"]: c for c in categories}
     images, annotations = [], []
     for i, file_name in enumerate(file_names):
         stem = os.path.splitext(file_name)[0]
-        semantic_file = require_file(os.path.join(semantic_dir, stem + ".png"), _NAME, _IMAGES_HINT)
+        semantic_file = require_file(os.path.join(semantic_dir, stem + ".png"), _NAME, ADE20K_IMAGES_HINT)
         instance_file = os.path.join(instance_dir, stem + ".png")
         semantic = np.asarray(Image.open(semantic_file))
         width, height = Image.open(os.path.join(image_dir, file_name)).size
@@ -198,7 +192,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS))
+    splits = list(ADE20K_SPLIT_FOLDERS)
+    parser.add_argument("--splits", nargs="+", choices=splits, default=splits)
     args = parser.parse_args()
     setup_logger(name="kmax_m2f")
     # IdGenerator draws thing colours (= segment ids) from numpy's global generator: seed it so

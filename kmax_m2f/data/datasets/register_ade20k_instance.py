@@ -129,6 +129,17 @@ ADE20K_INSTANCE_CATEGORIES = [
 ]
 
 # name -> (image_root, json_file), relative to the datasets root.
+# ADE20K's split folders and where its downloads come from, shared by the converters.
+ADE20K_SPLIT_FOLDERS = {"train": "training", "val": "validation"}
+ADE20K_IMAGES_HINT = (
+    "Download ADEChallengeData2016.zip from http://sceneparsing.csail.mit.edu/ and extract it "
+    "into $DETECTRON2_DATASETS."
+)
+ADE20K_INSTANCE_HINT = (
+    "Download the instance annotations (http://sceneparsing.csail.mit.edu/data/ChallengeData2017/"
+    "annotations_instance.tar) and extract them into ADEChallengeData2016/."
+)
+
 _PREDEFINED_SPLITS_ADE20K_INSTANCE = {
     "ade20k_instance_train": (
         "ADEChallengeData2016/images/training",
