@@ -222,14 +222,6 @@ class D2ConvNeXt(ConvNeXt, Backbone):
         features = super().forward(x)
         return {name: features[name] for name in self._out_features}
 
-    def output_shape(self) -> dict[str, ShapeSpec]:
-        return {
-            name: ShapeSpec(
-                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
-            )
-            for name in self._out_features
-        }
-
     @property
     def size_divisibility(self) -> int:
         # Any size works (the padding above); kMaX pads its inputs to INPUT.IMAGE_SIZE anyway.
