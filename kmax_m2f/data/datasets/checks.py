@@ -14,23 +14,25 @@ def datasets_root() -> str:
     return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
 
 
+def _missing(kind: str, path: str, dataset_name: str, hint: str) -> DatasetError:
+    return DatasetError(
+        f"Dataset '{dataset_name}': {kind} {path!r} does not exist. Datasets are read from "
+        f"$DETECTRON2_DATASETS (now {datasets_root()!r}); see datasets/README.md for the "
+        f"expected layout. {hint}".strip()
+    )
+
+
 def require_dir(path: str, dataset_name: str, hint: str = "") -> str:
+    """``path`` if it is a directory, else a DatasetError naming it, the root and ``hint``."""
     if not os.path.isdir(path):
-        raise DatasetError(
-            f"Dataset '{dataset_name}': directory {path!r} does not exist. Datasets are read from "
-            f"$DETECTRON2_DATASETS (now {datasets_root()!r}); see datasets/README.md for the "
-            f"expected layout. {hint}".strip()
-        )
+        raise _missing("directory", path, dataset_name, hint)
     return path
 
 
 def require_file(path: str, dataset_name: str, hint: str = "") -> str:
+    """``path`` if it is a file, else a DatasetError naming it, the root and ``hint``."""
     if not os.path.isfile(path):
-        raise DatasetError(
-            f"Dataset '{dataset_name}': file {path!r} does not exist. Datasets are read from "
-            f"$DETECTRON2_DATASETS (now {datasets_root()!r}); see datasets/README.md for the "
-            f"expected layout. {hint}".strip()
-        )
+        raise _missing("file", path, dataset_name, hint)
     return path
 
 
