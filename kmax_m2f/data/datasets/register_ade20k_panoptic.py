@@ -9,14 +9,14 @@ module also gives detectron2's ``ade20k_sem_seg_{train,val}`` their ``stuff_colo
 import os
 from typing import Any, Optional
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 
 from .checks import datasets_root
 from .register_ade20k_instance import ADE20K_INSTANCE_CATEGORIES
 from .register_coco_panoptic_annos_semseg import (
     get_panoptic_metadata,
-    load_panoptic_json_with_sem_seg,
+    register_panoptic_with_sem_seg,
 )
 
 __all__ = [
@@ -120,29 +120,9 @@ def register_ade20k_panoptic(
 
     Nothing is read until ``DatasetCatalog.get``; missing files are reported then.
     """
-    DatasetCatalog.register(
-        name,
-        lambda: load_panoptic_json_with_sem_seg(
-            panoptic_json,
-            image_root,
-            panoptic_root,
-            semantic_root,
-            metadata,
-            name,
-            panoptic_hint=_PANOPTIC_HINT,
-            sem_seg_hint=_SEM_SEG_HINT,
-        ),
-    )
-    MetadataCatalog.get(name).set(
-        panoptic_root=panoptic_root,
-        image_root=image_root,
-        sem_seg_root=semantic_root,
-        panoptic_json=panoptic_json,
-        json_file=instances_json,
-        evaluator_type="ade20k_panoptic_seg",
-        ignore_label=255,
-        label_divisor=1000,
-        **metadata,
+    register_panoptic_with_sem_seg(
+        name, metadata, image_root, panoptic_root, panoptic_json, semantic_root, instances_json,
+        "ade20k_panoptic_seg", panoptic_hint=_PANOPTIC_HINT, sem_seg_hint=_SEM_SEG_HINT,
     )
 
 

@@ -11,7 +11,7 @@ The loader and metadata helpers here are shared with the ADE20K panoptic registr
 
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
@@ -24,6 +24,7 @@ __all__ = [
     "get_panoptic_metadata",
     "load_panoptic_json_with_sem_seg",
     "register_coco_panoptic_annos_sem_seg",
+    "register_panoptic_with_sem_seg",
     "register_all_coco_panoptic_annos_sem_seg",
 ]
 
@@ -158,6 +159,40 @@ def load_panoptic_json_with_sem_seg(
     return records
 
 
+def register_panoptic_with_sem_seg(
+    name: str,
+    metadata: dict[str, Any],
+    image_root: str,
+    panoptic_root: str,
+    panoptic_json: str,
+    sem_seg_root: str,
+    instances_json: Optional[str],
+    evaluator_type: str,
+    **hints: str,
+) -> None:
+    """Register a COCO-format panoptic dataset whose records carry ``sem_seg_file_name`` (the
+    layout Mask2Former's evaluators expect), lazily: missing files are reported on
+    ``DatasetCatalog.get``. ``hints`` (panoptic_hint, sem_seg_hint, image_hint) say how to
+    create missing files."""
+    DatasetCatalog.register(
+        name,
+        lambda: load_panoptic_json_with_sem_seg(
+            panoptic_json, image_root, panoptic_root, sem_seg_root, metadata, name, **hints
+        ),
+    )
+    MetadataCatalog.get(name).set(
+        sem_seg_root=sem_seg_root,
+        panoptic_root=panoptic_root,
+        image_root=image_root,
+        panoptic_json=panoptic_json,
+        json_file=instances_json,
+        evaluator_type=evaluator_type,
+        ignore_label=255,
+        label_divisor=1000,
+        **metadata,
+    )
+
+
 def register_coco_panoptic_annos_sem_seg(
     name: str,
     metadata: dict[str, Any],
@@ -171,29 +206,9 @@ def register_coco_panoptic_annos_sem_seg(
 
     Nothing is read until ``DatasetCatalog.get`` is called; missing files are reported then.
     """
-    semantic_name = name + "_with_sem_seg"
-    DatasetCatalog.register(
-        semantic_name,
-        lambda: load_panoptic_json_with_sem_seg(
-            panoptic_json,
-            image_root,
-            panoptic_root,
-            sem_seg_root,
-            metadata,
-            semantic_name,
-            sem_seg_hint=_COCO_SEM_SEG_HINT,
-        ),
-    )
-    MetadataCatalog.get(semantic_name).set(
-        sem_seg_root=sem_seg_root,
-        panoptic_root=panoptic_root,
-        image_root=image_root,
-        panoptic_json=panoptic_json,
-        json_file=instances_json,
-        evaluator_type="coco_panoptic_seg",
-        ignore_label=255,
-        label_divisor=1000,
-        **metadata,
+    register_panoptic_with_sem_seg(
+        name + "_with_sem_seg", metadata, image_root, panoptic_root, panoptic_json, sem_seg_root,
+        instances_json, "coco_panoptic_seg", sem_seg_hint=_COCO_SEM_SEG_HINT,
     )
 
 

@@ -14,7 +14,7 @@ from detectron2.data.datasets import load_coco_json, load_sem_seg
 
 from ..synthetic_generator import IGNORE_LABEL, SYNTHETIC_CATEGORIES
 from .checks import datasets_root, json_file_errors, require_dir
-from .register_coco_panoptic_annos_semseg import get_panoptic_metadata, load_panoptic_json_with_sem_seg
+from .register_coco_panoptic_annos_semseg import get_panoptic_metadata, register_panoptic_with_sem_seg
 
 SPLITS = ("train", "val")
 GENERATE_HINT = "Generate it with `python datasets/prepare_synthetic.py`."
@@ -23,21 +23,6 @@ GENERATE_HINT = "Generate it with `python datasets/prepare_synthetic.py`."
 def synthetic_metadata() -> dict:
     """Mask2Former's metadata layout over the 8 synthetic categories (contiguous ids 0..7)."""
     return get_panoptic_metadata(SYNTHETIC_CATEGORIES)
-
-
-def load_synthetic_panoptic(root: str, split: str, dataset_name: str) -> list[dict]:
-    """Panoptic records (detectron2's COCO-panoptic fields) plus ``sem_seg_file_name``."""
-    return load_panoptic_json_with_sem_seg(
-        os.path.join(root, "annotations", f"panoptic_{split}.json"),
-        os.path.join(root, split),
-        os.path.join(root, f"panoptic_{split}"),
-        os.path.join(root, f"panoptic_semseg_{split}"),
-        synthetic_metadata(),
-        dataset_name,
-        panoptic_hint=GENERATE_HINT,
-        sem_seg_hint=GENERATE_HINT,
-        image_hint=GENERATE_HINT,
-    )
 
 
 def load_synthetic_instances(json_file: str, image_root: str, dataset_name: str) -> list[dict]:
@@ -53,20 +38,18 @@ def register_synthetic(root: str, prefix: str = "synthetic") -> None:
     metadata = synthetic_metadata()
     for split in SPLITS:
         image_root = os.path.join(root, split)
-        panoptic_name = f"{prefix}_panoptic_{split}"
-        DatasetCatalog.register(
-            panoptic_name, lambda split=split, name=panoptic_name: load_synthetic_panoptic(root, split, name)
-        )
-        MetadataCatalog.get(panoptic_name).set(
-            image_root=image_root,
-            panoptic_root=os.path.join(root, f"panoptic_{split}"),
-            panoptic_json=os.path.join(root, "annotations", f"panoptic_{split}.json"),
-            json_file=os.path.join(root, "annotations", f"instances_{split}.json"),
-            sem_seg_root=os.path.join(root, f"panoptic_semseg_{split}"),
-            evaluator_type="coco_panoptic_seg",
-            ignore_label=IGNORE_LABEL,
-            label_divisor=1000,
-            **metadata,
+        register_panoptic_with_sem_seg(
+            f"{prefix}_panoptic_{split}",
+            metadata,
+            image_root,
+            os.path.join(root, f"panoptic_{split}"),
+            os.path.join(root, "annotations", f"panoptic_{split}.json"),
+            os.path.join(root, f"panoptic_semseg_{split}"),
+            os.path.join(root, "annotations", f"instances_{split}.json"),
+            "coco_panoptic_seg",
+            panoptic_hint=GENERATE_HINT,
+            sem_seg_hint=GENERATE_HINT,
+            image_hint=GENERATE_HINT,
         )
 
         sem_seg_name = f"{prefix}_sem_seg_{split}"
