@@ -39,3 +39,15 @@ def run_tool(args: list[str], datasets_dir: Path, cwd: Path, threads: int = 2, c
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def backbone_cfg(backbone_name: str, namespace: str, **keys):
+    """A CPU config building ``backbone_name`` with ``MODEL.<namespace>.<KEY> = value`` overrides."""
+    import kmax_m2f
+
+    cfg = kmax_m2f.build_config()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.BACKBONE.NAME = backbone_name
+    for key, value in keys.items():
+        setattr(cfg.MODEL[namespace], key, value)
+    return cfg

@@ -21,18 +21,15 @@ from kmax_m2f.layers import LayerNorm2d
 from kmax_m2f.modeling.backbone.convnext import D2ConvNeXt
 from kmax_m2f.modeling.backbone.resnet_norm import custom_bn_build_resnet_backbone
 
+from .conftest import backbone_cfg
+
 CONVNEXT_T = dict(DEPTHS=[3, 3, 9, 3], DIMS=[96, 192, 384, 768])
 CONVNEXT_L = dict(DEPTHS=[3, 3, 27, 3], DIMS=[192, 384, 768, 1536])
 TINY = dict(DEPTHS=[1, 1, 2, 1], DIMS=[8, 16, 32, 64])
 
 
 def convnext_cfg(**convnext_keys):
-    cfg = kmax_m2f.build_config()
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.BACKBONE.NAME = "D2ConvNeXt"
-    for key, value in convnext_keys.items():
-        setattr(cfg.MODEL.CONVNEXT, key, value)
-    return cfg
+    return backbone_cfg("D2ConvNeXt", "CONVNEXT", **convnext_keys)
 
 
 def build_convnext(**convnext_keys) -> D2ConvNeXt:

@@ -9,13 +9,14 @@ import torch
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, build_backbone
 from torchvision.models.swin_transformer import SwinTransformer as TorchvisionSwin
 
-import kmax_m2f
 from kmax_m2f.modeling.backbone.swin import (
     D2SwinTransformer,
     SwinTransformerBlock,
     relative_position_index,
     shifted_window_attention_mask,
 )
+
+from .conftest import backbone_cfg
 
 TINY = dict(EMBED_DIM=32, DEPTHS=[2, 2, 2, 2], NUM_HEADS=[1, 2, 4, 8], WINDOW_SIZE=7)
 SWIN_T = dict(EMBED_DIM=96, DEPTHS=[2, 2, 6, 2], NUM_HEADS=[3, 6, 12, 24], WINDOW_SIZE=7)
@@ -29,12 +30,7 @@ SWIN_L = dict(
 
 
 def swin_cfg(**swin_keys):
-    cfg = kmax_m2f.build_config()
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.BACKBONE.NAME = "D2SwinTransformer"
-    for key, value in swin_keys.items():
-        setattr(cfg.MODEL.SWIN, key, value)
-    return cfg
+    return backbone_cfg("D2SwinTransformer", "SWIN", **swin_keys)
 
 
 def build_swin(**swin_keys) -> D2SwinTransformer:
