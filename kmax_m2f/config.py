@@ -25,9 +25,13 @@ def add_kmax_m2f_config(cfg: CN) -> None:
     cfg.INPUT.COLOR_AUG_SSD = False
     cfg.INPUT.SIZE_DIVISIBILITY = -1
 
-    # LSJ (large-scale jitter) augmentation of COCO: resize by [MIN_SCALE, MAX_SCALE] x IMAGE_SIZE,
-    # crop / pad to IMAGE_SIZE.
-    cfg.INPUT.IMAGE_SIZE = 1024
+    # The fixed training size of the mappers that crop / pad to one size: Mask2Former's LSJ
+    # (resize by [MIN_SCALE, MAX_SCALE] x IMAGE_SIZE, crop / pad to IMAGE_SIZE; official YAMLs
+    # give an int, 1024) and kMaX-DeepLab, which also builds its relative position encodings for
+    # it (official YAMLs give [H, W], e.g. [1281, 1281] or [1025, 2049]). Either form is
+    # accepted; read it with ``fixed_image_size(cfg)``. Unset (None) by default: the two
+    # projects' official defaults differ, and a silent one would build the wrong model.
+    cfg.INPUT.IMAGE_SIZE = None
     cfg.INPUT.MIN_SCALE = 0.1
     cfg.INPUT.MAX_SCALE = 2.0
 
@@ -162,6 +166,11 @@ def _add_kmax_deeplab_config(cfg: CN) -> None:
     kmax.AUX_SEMANTIC_SAMPLE_K = 4096
     # Zero the predicted probabilities on void pixels in the matching and mask losses.
     kmax.MASKING_VOID_PIXEL = True
+    # Batch norm of the pixel decoder, kMaX decoder and semantic head (TF eps / momentum):
+    # "SyncBN" (the published recipe, multi-GPU) or "BN" (one process, or multi-process CPU
+    # training, which SyncBatchNorm does not support). Not an official key (the port hard-codes
+    # SyncBN); official YAMLs, which omit it, get the official behaviour.
+    kmax.NORM = "SyncBN"
 
     # Pixel decoder: stages from stride 32 to stride 4 (axial attention where maps are small);
     # stage i outputs 4 x DEC_CHANNELS[i] channels.
@@ -232,6 +241,27 @@ def _add_convnext_config(cfg: CN) -> None:
 
 class ConfigError(ValueError):
     """A config file or override that cannot be applied (unknown key, bad value, missing file)."""
+
+
+def fixed_image_size(cfg: CN) -> tuple[int, int]:
+    """``INPUT.IMAGE_SIZE`` as (height, width): an int means a square, a pair is [H, W].
+
+    Raises:
+        ConfigError: when it is unset or not one or two positive ints.
+    """
+    size = cfg.INPUT.IMAGE_SIZE
+    if size is None:
+        raise ConfigError(
+            f"INPUT.IMAGE_SIZE is not set, but INPUT.DATASET_MAPPER_NAME={cfg.INPUT.DATASET_MAPPER_NAME!r} / "
+            f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r} need a fixed input size: set it to an int "
+            "(a square, e.g. 1024) or [H, W] (e.g. [1025, 2049])."
+        )
+    if isinstance(size, int):
+        size = (size, size)
+    size = tuple(size)
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise ConfigError(f"INPUT.IMAGE_SIZE must be a positive int or [H, W] of positive ints, got {cfg.INPUT.IMAGE_SIZE!r}.")
+    return size
 
 
 def build_config(config_file: str = "", opts: Optional[list[str]] = None) -> CN:

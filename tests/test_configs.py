@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from kmax_m2f import build_config
+from kmax_m2f.config import fixed_image_size
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -107,7 +108,7 @@ def test_coco_panoptic_r50():
     assert (cfg.MODEL.MASK_FORMER.CLASS_WEIGHT, cfg.MODEL.MASK_FORMER.MASK_WEIGHT,
             cfg.MODEL.MASK_FORMER.DICE_WEIGHT, cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT) == (2.0, 5.0, 5.0, 0.1)
     assert cfg.INPUT.DATASET_MAPPER_NAME == "coco_panoptic_lsj"
-    assert (cfg.INPUT.IMAGE_SIZE, cfg.INPUT.MIN_SCALE, cfg.INPUT.MAX_SCALE) == (1024, 0.1, 2.0)
+    assert (fixed_image_size(cfg), cfg.INPUT.MIN_SCALE, cfg.INPUT.MAX_SCALE) == ((1024, 1024), 0.1, 2.0)
     assert cfg.MODEL.WEIGHTS == "detectron2://ImageNetPretrained/torchvision/R-50.pkl"
     assert cfg.MODEL.RESNETS.DEPTH == 50 and cfg.MODEL.BACKBONE.FREEZE_AT == 0
     assert tuple(cfg.DATASETS.TRAIN) == ("coco_2017_train_panoptic",)

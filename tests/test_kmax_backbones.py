@@ -16,6 +16,7 @@ from torchvision.models.convnext import CNBlockConfig
 from torchvision.models.convnext import ConvNeXt as TorchvisionConvNeXt
 
 import kmax_m2f
+from kmax_m2f.config import ConfigError, build_config, fixed_image_size
 from kmax_m2f.engine.optimizer import build_param_groups
 from kmax_m2f.layers import LayerNorm2d
 from kmax_m2f.modeling.backbone.convnext import D2ConvNeXt
@@ -342,8 +343,7 @@ def test_norm_keys_apply_to_bn_and_frozen_bn():
 
 # --------------------------------------------------------------------------- config
 
-# The official port's configs/coco/panoptic_segmentation/kmax_r50.yaml (bytedance/kmax-deeplab),
-# without INPUT.IMAGE_SIZE (see test_official_image_size_is_a_list).
+# The official port's configs/coco/panoptic_segmentation/kmax_r50.yaml (bytedance/kmax-deeplab).
 OFFICIAL_COCO_R50 = """
 MODEL:
   BACKBONE: {FREEZE_AT: 0, NAME: "custom_bn_build_resnet_backbone"}
@@ -407,6 +407,7 @@ SOLVER:
   CLIP_GRADIENTS: {ENABLED: False}
   AMP: {ENABLED: True}
 INPUT:
+  IMAGE_SIZE: [1281, 1281]
   MIN_SCALE: 0.2
   MAX_SCALE: 2.0
   FORMAT: "RGB"
@@ -457,7 +458,23 @@ def test_kmax_defaults_are_the_published_values():
     )
     assert (convnext.DROP_PATH_RATE, convnext.LSIT, convnext.IN_CHANNELS) == (0.6, 1e-6, 3)
     # Mask2Former's keys keep their values.
-    assert cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES == 100 and cfg.INPUT.IMAGE_SIZE == 1024
+    assert cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES == 100
+
+
+@pytest.mark.parametrize("value, expected", [(1024, (1024, 1024)), ([1281, 1281], (1281, 1281)), ([1025, 2049], (1025, 2049))])
+def test_official_image_size_is_a_list(tmp_path, value, expected):
+    """Mask2Former's YAMLs give INPUT.IMAGE_SIZE as an int, kMaX's as [H, W]: both load."""
+    config_file = tmp_path / "size.yaml"
+    config_file.write_text(f"INPUT:\n  IMAGE_SIZE: {value}\n")
+    assert fixed_image_size(build_config(str(config_file))) == expected
+    assert fixed_image_size(build_config(opts=["INPUT.IMAGE_SIZE", str(value)])) == expected
+
+
+def test_unset_or_bad_image_size_is_a_clear_error():
+    with pytest.raises(ConfigError, match="INPUT.IMAGE_SIZE is not set"):
+        fixed_image_size(build_config())
+    with pytest.raises(ConfigError, match="positive int or \\[H, W\\]"):
+        fixed_image_size(build_config(opts=["INPUT.IMAGE_SIZE", "[1, 2, 3]"]))
 
 
 def test_official_r50_yaml_merges(tmp_path: Path):
@@ -467,4 +484,5 @@ def test_official_r50_yaml_merges(tmp_path: Path):
     assert cfg.MODEL.BACKBONE.NAME in BACKBONE_REGISTRY
     assert cfg.MODEL.KMAX_DEEPLAB.TRANS_DEC.DROP_PATH_PROB == 0.2
     assert cfg.INPUT.MIN_SCALE == 0.2 and cfg.SOLVER.BASE_LR == 5e-4
+    assert fixed_image_size(cfg) == (1281, 1281)
     assert tuple(cfg.DATASETS.TRAIN) == ("coco_2017_train_panoptic",)

@@ -29,6 +29,7 @@ from detectron2.structures import Instances, polygons_to_bitmask
 from torch.nn import functional as F
 
 from ..datasets.checks import DatasetError
+from ...config import fixed_image_size
 
 logger = logging.getLogger(__name__)
 
@@ -92,16 +93,16 @@ def resize_crop_flip_augmentations(cfg: CfgNode, category_area_crop: bool) -> li
 def lsj_augmentations(cfg: CfgNode) -> list[T.Augmentation]:
     """Large-scale jitter (COCO recipe): flip, resize so that the image fits
     ``[MIN_SCALE, MAX_SCALE] x IMAGE_SIZE``, then crop / pad (image 128, labels 255) to exactly
-    ``IMAGE_SIZE x IMAGE_SIZE``."""
-    size = cfg.INPUT.IMAGE_SIZE
+    ``IMAGE_SIZE`` (an int: a square; or [H, W])."""
+    height, width = fixed_image_size(cfg)
     return flip_augmentations(cfg) + [
         T.ResizeScale(
             min_scale=cfg.INPUT.MIN_SCALE,
             max_scale=cfg.INPUT.MAX_SCALE,
-            target_height=size,
-            target_width=size,
+            target_height=height,
+            target_width=width,
         ),
-        T.FixedSizeCrop(crop_size=(size, size)),
+        T.FixedSizeCrop(crop_size=(height, width)),
     ]
 
 

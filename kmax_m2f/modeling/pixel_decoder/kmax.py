@@ -23,6 +23,7 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 from torch.nn import functional as F
 
+from ...config import fixed_image_size
 from ...layers import LayerNorm2d
 from ..kmax_layers import BlockGroup, ConvBN
 
@@ -157,7 +158,8 @@ class kMaXPixelDecoder(nn.Module):
             "dec_channels": dec.DEC_CHANNELS,
             "layer_types": dec.LAYER_TYPES,
             "drop_path_prob": dec.DROP_PATH_PROB,
-            "spatial_shape": cfg.INPUT.IMAGE_SIZE,
+            "spatial_shape": fixed_image_size(cfg),
+            "norm": cfg.MODEL.KMAX_DEEPLAB.NORM,
         }
 
     def forward_features(
