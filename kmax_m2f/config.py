@@ -193,6 +193,13 @@ def _add_kmax_deeplab_config(cfg: CN) -> None:
     kmax.TRANS_DEC.IN_CHANNELS = [2048, 1024, 512, 256]
     # COCO / Cityscapes recipe (the port's default, 0.0, is ADE20K's).
     kmax.TRANS_DEC.DROP_PATH_PROB = 0.2
+    # Widths the official port hard-codes (not official keys; their defaults are its values):
+    # channels of the cluster centres and of each layer's bottleneck (keys and mask embeddings
+    # are half as wide), the cluster FFN's hidden width and the self-attention heads. Small
+    # CPU configs shrink them.
+    kmax.TRANS_DEC.HIDDEN_DIM = 256
+    kmax.TRANS_DEC.DIM_FEEDFORWARD = 2048
+    kmax.TRANS_DEC.NUM_HEADS = 8
 
     # Inference: which outputs are produced (and so which evaluators run). A mask is the pixels
     # whose probability exceeds PIXEL_CONFIDENCE_THRESHOLD; it is kept if its class probability

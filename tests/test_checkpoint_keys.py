@@ -85,3 +85,94 @@ def test_state_dict_keys_match_the_official_checkpoint(config, backbone_keys, qu
     assert shapes["criterion.empty_weight"] == (134,)
     assert shapes["sem_seg_head.pixel_decoder.transformer.encoder.layers.5.self_attn.sampling_offsets.weight"] == (
         8 * 3 * 4 * 2, 256)
+
+
+# --------------------------------------------------------------------------- kMaX-DeepLab
+
+BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")  # (Sync)BatchNorm
+
+
+def _conv_bn(prefix: str, conv_bias: bool = False, norm: bool = True) -> Iterator[str]:
+    yield f"{prefix}.conv.weight"
+    if conv_bias:
+        yield f"{prefix}.conv.bias"
+    if norm:
+        yield from (f"{prefix}.norm.{k}" for k in BN_KEYS)
+
+
+def _kmax_predictor_keys(prefix: str) -> Iterator[str]:
+    yield from _conv_bn(f"{prefix}._pixel_space_head_conv0bnact")
+    yield from _conv_bn(f"{prefix}._pixel_space_head_conv1bnact")
+    yield from _conv_bn(f"{prefix}._pixel_space_head_last_convbn", conv_bias=True)
+    yield from _conv_bn(f"{prefix}._transformer_mask_head")
+    yield from _conv_bn(f"{prefix}._transformer_class_head", conv_bias=True, norm=False)
+    yield from (f"{prefix}._pixel_space_mask_batch_norm.{k}" for k in BN_KEYS)
+
+
+def official_kmax_decoder_keys(num_layers: int = 6, semantic_decoder: bool = True) -> Iterator[str]:
+    """kmax-deeplab's kMaXTransformerDecoder, derived from its module layout."""
+    for layer in range(num_layers):
+        prefix = f"_kmax_transformer_layers.{layer}"
+        for name in ("_query_conv1_bn_act", "_pixel_conv1_bn_act", "_query_qkv_conv_bn", "_pixel_v_conv_bn",
+                     "_query_conv3_bn", "_query_ffn_conv1_bn_act", "_query_ffn_conv2_bn", "_kmeans_query_conv3_bn"):
+            yield from _conv_bn(f"{prefix}.{name}")
+        for norm in ("_query_self_attention._batch_norm_similarity",
+                     "_query_self_attention._batch_norm_retrieved_value",
+                     "_kmeans_query_batch_norm_retrieved_value"):
+            yield from (f"{prefix}.{norm}.{k}" for k in BN_KEYS)
+        yield from _kmax_predictor_keys(f"{prefix}._predcitor")
+    yield "_cluster_centers.weight"
+    yield from _conv_bn("_class_embedding_projection")
+    yield from _conv_bn("_mask_embedding_projection")
+    yield from _kmax_predictor_keys("_predcitor")
+    semantic = "_auxiliary_semantic_predictor"
+    if semantic_decoder:
+        for name in ("_aspp_conv0", "_aspp_conv1", "_aspp_conv2", "_aspp_conv3", "_aspp_pool", "_proj_conv_bn_act"):
+            yield from _conv_bn(f"{semantic}._aspp.{name}")
+        for stride in (8, 4):
+            for name in ("_low_level_projection_os{}", "_low_level_fusion_os{}_conv0_bn_act",
+                         "_low_level_fusion_os{}_conv1_bn_act"):
+                yield from _conv_bn(f"{semantic}.{name.format(stride)}")
+        yield from _conv_bn(f"{semantic}.conv_block_0")
+        yield from _conv_bn(f"{semantic}.conv_block_1")
+        yield from _conv_bn(f"{semantic}.final_conv", conv_bias=True, norm=False)
+    else:
+        yield from _conv_bn(f"{semantic}.0")
+        yield from _conv_bn(f"{semantic}.1")
+        yield from _conv_bn(f"{semantic}.2", conv_bias=True, norm=False)
+
+
+@pytest.mark.parametrize(
+    "config, backbone, semantic_decoder, queries, classes",
+    [
+        ("configs/coco/panoptic-segmentation/kmax_r50.yaml", "r50", True, 128, 133),
+        ("configs/coco/panoptic-segmentation/kmax_convnext_large.yaml", "convnext_l", True, 128, 133),
+        ("configs/cityscapes/panoptic-segmentation/kmax_r50.yaml", "r50", False, 256, 19),
+    ],
+    ids=["COCO-R50", "COCO-ConvNeXt-L", "Cityscapes-R50"],
+)
+def test_kmax_state_dict_keys_match_the_official_checkpoint(config, backbone, semantic_decoder, queries, classes):
+    from .test_kmax_backbones import official_convnext_keys, official_r50_keys
+    from .test_kmax_pixel_decoder import PUBLISHED_ARGS, _official_keys
+
+    backbone_keys = official_r50_keys() if backbone == "r50" else official_convnext_keys([3, 3, 27, 3])
+    in_channels = [2048, 1024, 512, 256] if backbone == "r50" else [1536, 768, 384, 192]
+    expected = {f"backbone.{k}" for k in backbone_keys}
+    expected |= {f"sem_seg_head.pixel_decoder.{k}" for k in _official_keys(in_channels, **PUBLISHED_ARGS)}
+    expected |= {f"sem_seg_head.predictor.{k}" for k in official_kmax_decoder_keys(semantic_decoder=semantic_decoder)}
+    shapes = _model_keys(config)
+    assert sorted(set(shapes) - expected) == [], "unexpected keys"
+    assert sorted(expected - set(shapes)) == [], "missing keys"
+    predictor = "sem_seg_head.predictor"
+    assert shapes[f"{predictor}._cluster_centers.weight"] == (256, queries)
+    assert shapes[f"{predictor}._predcitor._transformer_class_head.conv.weight"] == (classes + 1, 256, 1)
+    assert shapes[f"{predictor}._predcitor._pixel_space_head_conv0bnact.conv.weight"] == (256, 1, 5, 5)
+    assert shapes[f"{predictor}._kmax_transformer_layers.0._pixel_conv1_bn_act.conv.weight"] == (256, 2048, 1, 1)
+    assert shapes[f"{predictor}._kmax_transformer_layers.5._query_ffn_conv1_bn_act.conv.weight"] == (2048, 256, 1)
+    assert shapes[f"{predictor}._kmax_transformer_layers.0._predcitor._pixel_space_head_last_convbn.conv.weight"] == (
+        128, 256, 1, 1)
+    semantic = f"{predictor}._auxiliary_semantic_predictor"
+    if semantic_decoder:
+        assert shapes[f"{semantic}.final_conv.conv.weight"] == (classes + 1, 256, 1, 1)
+    else:
+        assert shapes[f"{semantic}.2.conv.weight"] == (classes, 256, 1, 1)

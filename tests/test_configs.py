@@ -1,5 +1,6 @@
 """The shipped configs/: every YAML merges into our config (unknown keys fail loudly), and the
-published Mask2Former recipes (facebookresearch/Mask2Former configs/, MODEL_ZOO) are intact."""
+published Mask2Former recipes (facebookresearch/Mask2Former configs/, MODEL_ZOO) and kMaX-DeepLab
+recipes (the paper and bytedance/kmax-deeplab) are intact."""
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ from kmax_m2f.config import fixed_image_size
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 # configs/synthetic/ holds the small quick-start config, tested with the training tools.
-YAMLS = sorted(p for p in CONFIGS.rglob("*.yaml") if "synthetic" not in p.relative_to(CONFIGS).parts)
+ALL_YAMLS = sorted(p for p in CONFIGS.rglob("*.yaml") if "synthetic" not in p.relative_to(CONFIGS).parts)
+KMAX_YAMLS = [p for p in ALL_YAMLS if p.name.startswith("kmax_")]
+YAMLS = [p for p in ALL_YAMLS if not p.name.startswith("kmax_")]
 IDS = [str(p.relative_to(CONFIGS)) for p in YAMLS]
 
 MASK2FORMER_TREE = {
@@ -33,7 +36,7 @@ def cfg_of(rel: str):
 def test_tree_is_complete():
     assert YAMLS, "no config found under configs/"
     for task_dir, n in MASK2FORMER_TREE.items():
-        found = sorted((CONFIGS / task_dir).rglob("*.yaml"))
+        found = sorted(p for p in (CONFIGS / task_dir).rglob("*.yaml") if not p.name.startswith("kmax_"))
         assert len(found) == n, (task_dir, [str(p.relative_to(CONFIGS)) for p in found])
         assert len(list((CONFIGS / task_dir).glob("Base-*.yaml"))) == 1, task_dir
 
@@ -232,3 +235,63 @@ def test_cityscapes(task, mapper, ncls, swin_l_queries, flags):
     large = cfg_of(f"cityscapes/{task}/swin/maskformer2_swin_large_IN21k_384_bs16_90k.yaml")
     assert large.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES == swin_l_queries
     assert large.SOLVER.MAX_ITER == 90000 and tuple(large.INPUT.CROP.SIZE) == (512, 1024)
+
+
+KMAX_BACKBONES = ["r50", "convnext_tiny", "convnext_small", "convnext_base", "convnext_large"]
+
+
+def test_kmax_tree_is_complete():
+    for dataset in ("coco", "cityscapes", "ade20k"):
+        names = sorted(p.name for p in (CONFIGS / dataset / "panoptic-segmentation").glob("kmax_*.yaml"))
+        assert names == sorted(f"kmax_{b}.yaml" for b in KMAX_BACKBONES), dataset
+
+
+@pytest.mark.parametrize("path", KMAX_YAMLS, ids=[str(p.relative_to(CONFIGS)) for p in KMAX_YAMLS])
+def test_kmax_config_merges_with_the_shared_recipe(path):
+    with open(path) as f:
+        yaml.safe_load(f)
+    cfg = build_config(str(path))
+    kmax = cfg.MODEL.KMAX_DEEPLAB
+    assert cfg.MODEL.META_ARCHITECTURE == "kMaXDeepLab" and cfg.MODEL.SEM_SEG_HEAD.NAME == "kMaXDeepLabHead"
+    assert cfg.INPUT.DATASET_MAPPER_NAME == "kmax_panoptic" and cfg.INPUT.COLOR_AUG_SSD
+    assert (kmax.CLASS_WEIGHT, kmax.DICE_WEIGHT, kmax.MASK_WEIGHT, kmax.INSDIS_WEIGHT, kmax.AUX_SEMANTIC_WEIGHT) == (
+        3.0, 3.0, 0.3, 1.0, 1.0)
+    assert kmax.NO_OBJECT_WEIGHT == 1e-5 and kmax.SHARE_FINAL_MATCHING and kmax.NORM == "SyncBN"
+    assert list(kmax.PIXEL_DEC.DEC_LAYERS) == [1, 5, 1, 1] and list(kmax.TRANS_DEC.DEC_LAYERS) == [2, 2, 2]
+    assert cfg.SOLVER.OPTIMIZER == "ADAMW" and cfg.SOLVER.WEIGHT_DECAY == 0.05
+    assert cfg.SOLVER.BACKBONE_MULTIPLIER == 0.1 and cfg.SOLVER.LR_SCHEDULER_NAME == "TF2WarmupPolyLR"
+    assert cfg.SOLVER.WARMUP_ITERS == 5000 and cfg.SOLVER.AMP.ENABLED
+    assert cfg.MODEL.PIXEL_MEAN == [127.5] * 3 and cfg.MODEL.PIXEL_STD == [127.5] * 3
+    if "convnext" in path.name:
+        assert cfg.MODEL.BACKBONE.NAME == "D2ConvNeXt"
+    else:
+        assert cfg.MODEL.BACKBONE.NAME == "custom_bn_build_resnet_backbone"
+        assert (cfg.MODEL.RESNETS.NORM_EPS, cfg.MODEL.RESNETS.NORM_MOMENTUM) == (1e-3, 0.01)
+
+
+@pytest.mark.parametrize(
+    "dataset, batch, iters, lr, size, jitter, queries, drop_path, thresholds, train_set",
+    [
+        ("coco", 64, 150000, 5e-4, (1281, 1281), (0.2, 2.0), 128, 0.2, (0.7, 0.5, 0.8), "coco_2017_train_panoptic"),
+        ("cityscapes", 32, 60000, 3e-4, (1025, 2049), (0.5, 2.0), 256, 0.2, (0.5, 0.3, 0.9),
+         "cityscapes_fine_panoptic_train"),
+        ("ade20k", 64, 100000, 5e-4, (1281, 1281), (0.5, 2.0), 128, 0.0, (0.4, 0.4, 0.8), "ade20k_panoptic_train"),
+    ],
+)
+def test_kmax_published_recipes(dataset, batch, iters, lr, size, jitter, queries, drop_path, thresholds, train_set):
+    cfg = cfg_of(f"{dataset}/panoptic-segmentation/kmax_r50.yaml")
+    kmax = cfg.MODEL.KMAX_DEEPLAB
+    assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.MAX_ITER, cfg.SOLVER.BASE_LR) == (batch, iters, lr)
+    assert fixed_image_size(cfg) == size and (cfg.INPUT.MIN_SCALE, cfg.INPUT.MAX_SCALE) == jitter
+    assert kmax.TRANS_DEC.NUM_OBJECT_QUERIES == queries and kmax.TRANS_DEC.DROP_PATH_PROB == drop_path
+    test = kmax.TEST
+    assert (test.CLASS_THRESHOLD_THING, test.CLASS_THRESHOLD_STUFF, test.OVERLAP_THRESHOLD) == thresholds
+    assert test.PIXEL_CONFIDENCE_THRESHOLD == 0.4
+    assert tuple(cfg.DATASETS.TRAIN) == (train_set,)
+    # Cityscapes: the light semantic head with the full cross-entropy, insdis temperature 0.6.
+    cityscapes = dataset == "cityscapes"
+    assert kmax.USE_AUX_SEMANTIC_DECODER is not cityscapes
+    assert (kmax.PIXEL_INSDIS_TEMPERATURE, kmax.AUX_SEMANTIC_SAMPLE_K) == ((0.6, 0) if cityscapes else (1.5, 4096))
+    large = cfg_of(f"{dataset}/panoptic-segmentation/kmax_convnext_large.yaml")
+    assert list(large.MODEL.CONVNEXT.DIMS) == [192, 384, 768, 1536] and large.MODEL.CONVNEXT.DROP_PATH_RATE == 0.6
+    assert large.SOLVER.MAX_ITER == iters

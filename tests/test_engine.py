@@ -93,6 +93,33 @@ def test_poly_schedule_with_warmup_follows_the_formula():
     assert lrs[50] == pytest.approx((1 - 50 / 100) ** 0.9)
 
 
+def _lrs(cfg, steps):
+    optimizer = build_optimizer(cfg, nn.Linear(2, 2))
+    scheduler = Trainer.build_lr_scheduler(cfg, optimizer)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_tf2_warmup_poly_schedule_follows_deeplab2():
+    """kMaX's TF2WarmupPolyLR: warmup factor alone during warmup, then the poly of the whole run
+    (not multiplied together as in detectron2's WarmupPolyLR), held at the constant ending."""
+    cfg = _solver_cfg(**{"SOLVER.LR_SCHEDULER_NAME": "TF2WarmupPolyLR", "SOLVER.MAX_ITER": 100,
+                         "SOLVER.WARMUP_ITERS": 10, "SOLVER.WARMUP_FACTOR": 0.1, "SOLVER.WARMUP_METHOD": "linear"})
+    lrs = _lrs(cfg, 100)
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[5] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lrs[10] == pytest.approx((1 - 10 / 100) ** 0.9)
+    assert lrs[50] == pytest.approx((1 - 50 / 100) ** 0.9)
+    cfg.SOLVER.POLY_LR_CONSTANT_ENDING = 0.3
+    lrs = _lrs(cfg, 100)
+    assert lrs[50] == pytest.approx((1 - 50 / 100) ** 0.9)
+    assert lrs[95] == pytest.approx(0.3)
+
+
 def test_multistep_schedule():
     cfg = _solver_cfg(**{"SOLVER.LR_SCHEDULER_NAME": "WarmupMultiStepLR", "SOLVER.MAX_ITER": 30,
                          "SOLVER.STEPS": (10, 20), "SOLVER.GAMMA": 0.1, "SOLVER.WARMUP_ITERS": 0})

@@ -10,7 +10,6 @@ from detectron2.config import CfgNode
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch import nn
@@ -18,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data import build_mapper
 from ..evaluation import build_evaluator
+from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,4 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_lr_scheduler(cls, cfg: CfgNode, optimizer: torch.optim.Optimizer):
-        # detectron2's DeepLab project adds WarmupPolyLR to the core schedulers
-        # (WarmupMultiStepLR, WarmupCosineLR, WarmupStepWithFixedGammaLR).
-        return build_deeplab_lr_scheduler(cfg, optimizer)
+        return build_lr_scheduler(cfg, optimizer)

@@ -66,14 +66,15 @@ def get_kmax_norm(norm: str, channels: int, ndim: int = 2) -> nn.Module:
             statistics; needed for multi-process CPU training, which SyncBatchNorm does not support)
             or "" for none (identity).
         channels: number of channels C.
-        ndim: 1 for [B, C, L] inputs, 2 for [B, C, H, W] inputs (only matters for "BN").
+        ndim: 1 for [B, C, L] inputs, 2 for [B, C, H, W], 3 for [B, C, D, H, W] (only matters
+            for "BN").
     """
     if norm == "":
         return nn.Identity()
     if norm == "SyncBN":
         return nn.SyncBatchNorm(channels, eps=TF_BN_EPS, momentum=TF_BN_MOMENTUM)
     if norm == "BN":
-        batch_norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[ndim]
+        batch_norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[ndim]
         return batch_norm(channels, eps=TF_BN_EPS, momentum=TF_BN_MOMENTUM)
     raise ValueError(f"kMaX norm must be 'SyncBN', 'BN' or '' (none), got {norm!r}")
 

@@ -7,10 +7,15 @@ from .losses import (
     dice_loss,
     sigmoid_ce_loss,
 )
+from .kmax import kMaXMatchingCost, kMaXSetCriterion, kmax_class_similarity, kmax_mask_similarity
 from .mask2former import SetCriterion, build_weight_dict, num_masks_across_workers
 
 __all__ = [
     "SetCriterion",
+    "kMaXSetCriterion",
+    "kMaXMatchingCost",
+    "kmax_class_similarity",
+    "kmax_mask_similarity",
     "build_weight_dict",
     "num_masks_across_workers",
     "sigmoid_ce_loss",

@@ -1,3 +1,4 @@
+from .kmax_deeplab_head import kMaXDeepLabHead
 from .mask_former_head import MaskFormerHead
 
-__all__ = ["MaskFormerHead"]
+__all__ = ["MaskFormerHead", "kMaXDeepLabHead"]

@@ -5,7 +5,6 @@ from typing import Optional
 
 import torch
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, build_sem_seg_head
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList, Instances
@@ -16,24 +15,9 @@ from torch.nn import functional as F
 from ..criterion import SetCriterion, build_weight_dict
 from ..matcher import HungarianMatcher
 from ..postprocess import instance_inference, panoptic_inference, semantic_inference
+from .common import check_num_classes, thing_ids, training_metadata
 
 logger = logging.getLogger(__name__)
-
-
-def _check_num_classes(cfg) -> None:
-    """A NUM_CLASSES that disagrees with the training set's metadata trains a wrong class head
-    silently; say so before any compute is spent."""
-    if not cfg.DATASETS.TRAIN:
-        return
-    dataset = cfg.DATASETS.TRAIN[0]
-    metadata = MetadataCatalog.get(dataset)
-    classes = metadata.get("stuff_classes") or metadata.get("thing_classes")
-    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-    if classes and len(classes) != num_classes:
-        raise ValueError(
-            f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={num_classes}, but dataset '{dataset}' has "
-            f"{len(classes)} classes. Set MODEL.SEM_SEG_HEAD.NUM_CLASSES {len(classes)}."
-        )
 
 
 @META_ARCH_REGISTRY.register()
@@ -91,7 +75,7 @@ class MaskFormer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        _check_num_classes(cfg)
+        check_num_classes(cfg)
         mf = cfg.MODEL.MASK_FORMER
         backbone = build_backbone(cfg)
         sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
@@ -124,7 +108,7 @@ class MaskFormer(nn.Module):
             "num_queries": mf.NUM_OBJECT_QUERIES,
             "object_mask_threshold": test.OBJECT_MASK_THRESHOLD,
             "overlap_threshold": test.OVERLAP_THRESHOLD,
-            "metadata": MetadataCatalog.get(cfg.DATASETS.TRAIN[0]) if cfg.DATASETS.TRAIN else None,
+            "metadata": training_metadata(cfg),
             "size_divisibility": mf.SIZE_DIVISIBILITY,
             # Panoptic and instance results need masks at the input resolution first.
             "sem_seg_postprocess_before_inference": (
@@ -141,14 +125,6 @@ class MaskFormer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
-
-    def _thing_ids(self) -> set[int]:
-        if self.metadata is None or not self.metadata.get("thing_dataset_id_to_contiguous_id"):
-            raise ValueError(
-                "Panoptic / instance inference needs the training set's thing classes: set "
-                "DATASETS.TRAIN to a dataset whose metadata has thing_dataset_id_to_contiguous_id."
-            )
-        return set(self.metadata.thing_dataset_id_to_contiguous_id.values())
 
     def forward(self, batched_inputs: list[dict]):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
@@ -190,11 +166,11 @@ class MaskFormer(nn.Module):
             result["sem_seg"] = semantic
         if self.panoptic_on:
             result["panoptic_seg"] = retry_if_cuda_oom(panoptic_inference)(
-                mask_cls, mask_pred, self._thing_ids(), self.object_mask_threshold, self.overlap_threshold
+                mask_cls, mask_pred, thing_ids(self.metadata), self.object_mask_threshold, self.overlap_threshold
             )
         if self.instance_on:
             result["instances"] = retry_if_cuda_oom(instance_inference)(
-                mask_cls, mask_pred, self.test_topk_per_image, self._thing_ids() if self.panoptic_on else None
+                mask_cls, mask_pred, self.test_topk_per_image, thing_ids(self.metadata) if self.panoptic_on else None
             )
         return result
 
