@@ -4,6 +4,9 @@
     python tools/demo.py --config-file CONFIG.yaml --input a.jpg b.png --output out/ \\
         --opts MODEL.WEIGHTS model.pth
 
+With --show-clusters (kMaX-DeepLab models), ``<name>_clusters.png`` is written next to
+``<name>.png``: the pixel-to-cluster assignment of every kMaX decoder stage, side by side.
+
 Works on CPU and GPU (MODEL.DEVICE). Class names and colours come from the metadata of the first
 test dataset (DATASETS.TEST), else the first training dataset.
 """
@@ -12,6 +15,8 @@ import logging
 import os
 import sys
 
+import numpy as np
+import torch
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
@@ -20,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 import kmax_m2f
 from kmax_m2f.config import ConfigError
-from kmax_m2f.visualization import draw_predictions
+from kmax_m2f.visualization import draw_cluster_assignments, draw_predictions
 
 logger = logging.getLogger("kmax_m2f.demo")
 
@@ -31,8 +36,23 @@ def parse_args(argv=None):
     parser.add_argument("--input", nargs="+", required=True, help="image files")
     parser.add_argument("--output", required=True, help="folder for the drawings (created if needed)")
     parser.add_argument("--confidence-threshold", type=float, default=0.5, help="for instance results")
+    parser.add_argument(
+        "--show-clusters", action="store_true",
+        help="kMaX-DeepLab: also draw each decoder stage's pixel-to-cluster assignment (<name>_clusters.png)",
+    )
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser.parse_args(argv)
+
+
+def predict_with_clusters(predictor: DefaultPredictor, image_bgr: np.ndarray) -> dict:
+    """``predictor(image_bgr)`` (same resize and colour order) plus the kMaX model's
+    "cluster_assignments"."""
+    image = image_bgr[:, :, ::-1] if predictor.input_format == "RGB" else image_bgr
+    height, width = image.shape[:2]
+    image = predictor.aug.get_transform(image).apply_image(image)
+    inputs = {"image": torch.as_tensor(image.astype("float32").transpose(2, 0, 1)), "height": height, "width": width}
+    with torch.no_grad():
+        return predictor.model.inference([inputs], return_cluster_assignments=True)[0]
 
 
 def main(argv=None) -> int:
@@ -49,6 +69,11 @@ def main(argv=None) -> int:
     datasets = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
     metadata = MetadataCatalog.get(datasets[0] if datasets else "__unused")
     predictor = DefaultPredictor(cfg)
+    if args.show_clusters and not hasattr(predictor.model, "cluster_stage_labels"):
+        sys.exit(
+            f"demo.py: --show-clusters needs a kMaX-DeepLab model (MODEL.META_ARCHITECTURE kMaXDeepLab), "
+            f"not {cfg.MODEL.META_ARCHITECTURE}"
+        )
     os.makedirs(args.output, exist_ok=True)
     for path in args.input:
         try:
@@ -58,11 +83,17 @@ def main(argv=None) -> int:
             sys.exit(f"demo.py: cannot read {path} as an image ({e})")
         if image_bgr.size == 0:
             sys.exit(f"demo.py: {path} is an empty image")
-        predictions = predictor(image_bgr)
+        predictions = predict_with_clusters(predictor, image_bgr) if args.show_clusters else predictor(image_bgr)
         drawing = draw_predictions(image_bgr[:, :, ::-1], predictions, metadata, args.confidence_threshold)
-        out_path = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
-        Image.fromarray(drawing).save(out_path)
-        logger.info("%s -> %s (%s)", path, out_path, ", ".join(sorted(predictions)))
+        stem = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0])
+        Image.fromarray(drawing).save(stem + ".png")
+        logger.info("%s -> %s.png (%s)", path, stem, ", ".join(sorted(predictions)))
+        if args.show_clusters:
+            clusters = draw_cluster_assignments(
+                image_bgr[:, :, ::-1], predictions["cluster_assignments"], predictor.model.cluster_stage_labels()
+            )
+            Image.fromarray(clusters).save(stem + "_clusters.png")
+            logger.info("%s -> %s_clusters.png", path, stem)
     return 0
 
 

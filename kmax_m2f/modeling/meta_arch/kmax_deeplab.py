@@ -284,6 +284,13 @@ class kMaXDeepLab(nn.Module):
             results.append(result)
         return results
 
+    def cluster_stage_labels(self) -> list[str]:
+        """Names of the stages whose maps ``inference(..., return_cluster_assignments=True)``
+        returns, in order: each kMaX layer with its stride, then the final prediction."""
+        strides = [stride for stride, layers in zip((32, 16, 8), self.sem_seg_head.predictor._num_blocks)
+                   for _ in range(layers)]
+        return [f"kMaX layer {i} (stride {stride})" for i, stride in enumerate(strides, start=1)] + ["final (stride 4)"]
+
     def _postprocess(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> dict:
         result = {}
         if self.semantic_on:
