@@ -224,3 +224,18 @@ def test_inference_returns_results_at_the_requested_size_and_cluster_maps(tiny_k
     # 6 kMaX layers at strides 32, 32, 16, 16, 8, 8 and the final stride-4 prediction, cropped to 64x48.
     assert [tuple(m.shape) for m in maps] == [(2, 2), (2, 2), (4, 3), (4, 3), (8, 6), (8, 6), (16, 12)]
     assert all(m.dtype == torch.int64 and int(m.max()) < 6 for m in maps)
+
+
+def test_aspp_trains_with_one_image_and_matches_the_pooled_normalisation():
+    """The official port fails at batch 1 (BN on a 1x1 pooled map); normalising the broadcast map
+    keeps the batch statistics of the pooled one."""
+    from kmax_m2f.modeling.transformer_decoder.kmax import ASPP
+
+    torch.manual_seed(0)
+    aspp = ASPP(8, 4, (1, 2, 3), norm="BN").train()
+    aspp._proj_drop.p = 0.0
+    aspp(torch.randn(1, 8, 5, 5)).sum().backward()
+    x = torch.randn(3, 8, 5, 5)
+    pooled = aspp._aspp_pool(aspp._avg_pool(x))  # the official order: BN over the 1x1 maps
+    broadcast = aspp._aspp_pool.act(aspp._aspp_pool.norm(aspp._aspp_pool.conv(aspp._avg_pool(x)).expand(-1, -1, 5, 5)))
+    torch.testing.assert_close(broadcast, pooled.expand(-1, -1, 5, 5), rtol=1e-4, atol=1e-5)

@@ -3,6 +3,7 @@
 
     python tools/benchmark.py ms_deform_attn [--device cpu|cuda] [--repeats N] [--threads T]
     python tools/benchmark.py mask2former [--device cpu|cuda] [--repeats N] [--threads T]
+    python tools/benchmark.py kmax [--device cpu|cuda] [--repeats N] [--threads T]
 
 Each subcommand prints a markdown table (ready for BENCHMARKS.md). Every figure is measured in a
 fresh child process, so that one measurement's allocations, caches and thread pools do not leak
@@ -327,23 +328,40 @@ def _ms_deform_attn_run(args: argparse.Namespace) -> None:
 
 MASK2FORMER_R50 = "configs/coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml"
 MASK2FORMER_SYNTHETIC = "configs/synthetic/panoptic-segmentation/maskformer2_R18_synthetic.yaml"
-# (label, config, mode, height, width, batch)
-MASK2FORMER_CASES = [
-    ("R50 inference", MASK2FORMER_R50, "inference", 512, 512, 1),
-    ("R50 inference", MASK2FORMER_R50, "inference", 800, 1333, 1),
-    ("R50 training step, AdamW + clip", MASK2FORMER_R50, "train", 512, 512, 2),
-    ("synthetic R18 training step", MASK2FORMER_SYNTHETIC, "train", 256, 256, 8),
-]
+KMAX_R50 = "configs/coco/panoptic-segmentation/kmax_r50.yaml"
+KMAX_SYNTHETIC = "configs/synthetic/panoptic-segmentation/kmax_R18_synthetic.yaml"
+
+# (label, config, mode, height, width, batch). kMaX is built for its input size (INPUT.IMAGE_SIZE
+# is set to the measured size); its training inputs carry stride-4 ground truth like its mapper's.
+MODEL_CASES = {
+    "mask2former": [
+        ("R50 inference", MASK2FORMER_R50, "inference", 512, 512, 1),
+        ("R50 inference", MASK2FORMER_R50, "inference", 800, 1333, 1),
+        ("R50 training step, AdamW + clip", MASK2FORMER_R50, "train", 512, 512, 2),
+        ("synthetic R18 training step", MASK2FORMER_SYNTHETIC, "train", 256, 256, 8),
+    ],
+    "kmax": [
+        ("R50 inference", KMAX_R50, "inference", 641, 641, 1),
+        ("R50 inference", KMAX_R50, "inference", 1281, 1281, 1),
+        ("R50 training step, AdamW", KMAX_R50, "train", 641, 641, 2),
+        ("R50 training step, AdamW", KMAX_R50, "train", 641, 641, 1),
+        ("synthetic R18 training step", KMAX_SYNTHETIC, "train", 128, 128, 8),
+    ],
+}
+MODEL_TITLES = {"mask2former": "Mask2Former", "kmax": "kMaX-DeepLab"}
 
 
-def _mask2former_args(parser: argparse.ArgumentParser) -> None:
+def _model_args(parser: argparse.ArgumentParser) -> None:
     # Internal: one measurement, run in a child process.
     parser.add_argument("--measure", nargs=6, metavar=("CONFIG", "MODE", "H", "W", "BATCH", "METRIC"),
                         help=argparse.SUPPRESS)
 
 
-def _mask2former_batch(height: int, width: int, batch: int, num_classes: int, with_targets: bool) -> list[dict]:
-    """Random images; for training, 10 random rectangular instances of random classes each."""
+def _model_batch(
+    height: int, width: int, batch: int, num_classes: int, with_targets: bool, target_stride: int = 1
+) -> list[dict]:
+    """Random images; for training, 10 random rectangular instances of random classes each, their
+    masks kept every ``target_stride`` pixels (kMaX: 4) with the matching "sem_seg_gt"."""
     import torch
     from detectron2.structures import Instances
 
@@ -359,13 +377,18 @@ def _mask2former_batch(height: int, width: int, batch: int, num_classes: int, wi
                 mask[y0 : y0 + height // 3, x0 : x0 + width // 3] = True
             instances = Instances((height, width))
             instances.gt_classes = torch.randint(0, num_classes, (10,), generator=generator)
-            instances.gt_masks = masks
+            instances.gt_masks = masks[:, ::target_stride, ::target_stride]
             record["instances"] = instances
+            if target_stride > 1:
+                semantic = torch.full(instances.gt_masks.shape[1:], 255, dtype=torch.int64)
+                for label, mask in zip(instances.gt_classes, instances.gt_masks):
+                    semantic[mask] = label
+                record["sem_seg_gt"] = semantic
         inputs.append(record)
     return inputs
 
 
-def _mask2former_measure(args: argparse.Namespace) -> dict:
+def _model_measure(args: argparse.Namespace) -> dict:
     import torch
     from detectron2.modeling import build_model
 
@@ -376,9 +399,13 @@ def _mask2former_measure(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     config, mode, height, width, batch, metric = args.measure
     height, width, batch = int(height), int(width), int(batch)
-    cfg = kmax_m2f.build_config(str(REPO / config), ["MODEL.DEVICE", args.device, "MODEL.WEIGHTS", ""])
+    opts = ["MODEL.DEVICE", args.device, "MODEL.WEIGHTS", ""]
+    kmax = args.benchmark == "kmax"
+    if kmax:
+        opts += ["INPUT.IMAGE_SIZE", f"[{height}, {width}]"]
+    cfg = kmax_m2f.build_config(str(REPO / config), opts)
     model = build_model(cfg)
-    inputs = _mask2former_batch(height, width, batch, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, mode == "train")
+    inputs = _model_batch(height, width, batch, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, mode == "train", 4 if kmax else 1)
     if mode == "inference":
         model.eval()
 
@@ -405,19 +432,19 @@ def _mask2former_measure(args: argparse.Namespace) -> dict:
     return {"peak_mib": peak_mib, "peak_total_mib": total_mib, "peak_is_exact": exact}
 
 
-def _mask2former_run(args: argparse.Namespace) -> None:
+def _model_run(args: argparse.Namespace) -> None:
     if args.measure:
-        print(json.dumps(_mask2former_measure(args)))
+        print(json.dumps(_model_measure(args)))
         return
-    common = ["mask2former", "--device", args.device, "--repeats", str(args.repeats), "--warmup",
+    common = [args.benchmark, "--device", args.device, "--repeats", str(args.repeats), "--warmup",
               str(args.warmup), "--threads", str(args.threads)]
     memory_kind = "peak CUDA memory" if args.device == "cuda" else "peak RSS increase"
-    print(f"Mask2Former, random weights and inputs; {_machine_description(args.device, args.threads)}; "
+    print(f"{MODEL_TITLES[args.benchmark]}, random weights and inputs; {_machine_description(args.device, args.threads)}; "
           f"median of {args.repeats} after {args.warmup} warm-up.\n")
     total_kind = "process peak CUDA memory" if args.device == "cuda" else "process peak RSS"
     print(f"| what | config | input | batch | median s | {memory_kind} (MiB) | {total_kind} (MiB) |")
     print("|---|---|---|---:|---:|---:|---:|")
-    for label, config, mode, height, width, batch in MASK2FORMER_CASES:
+    for label, config, mode, height, width, batch in MODEL_CASES[args.benchmark]:
         print(f"measuring {label} {height}x{width} ...", file=sys.stderr)
         measured = {}
         for metric in ("time", "memory"):
@@ -439,8 +466,13 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     ),
     "mask2former": (
         "Mask2Former: inference latency and training step (R50, synthetic R18)",
-        _mask2former_args,
-        _mask2former_run,
+        _model_args,
+        _model_run,
+    ),
+    "kmax": (
+        "kMaX-DeepLab: inference latency and training step (R50 at 641 / 1281, synthetic R18)",
+        _model_args,
+        _model_run,
     ),
 }
 

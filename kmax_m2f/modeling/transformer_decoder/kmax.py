@@ -300,9 +300,13 @@ class ASPP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C_in, H, W] -> [B, output_channels, H, W]."""
-        pooled = F.interpolate(
-            self._aspp_pool(self._avg_pool(x)), size=x.shape[-2:], mode="bilinear", align_corners=_align_corners(x.shape)
-        )
+        # The image-pooling branch normalises its [B, C, 1, 1] map after broadcasting it to
+        # H x W: the batch statistics are the same (every value repeated H x W times), but a
+        # single image per process no longer leaves BN one value per channel, which PyTorch
+        # rejects in training (the official port fails there at batch 1). Upsampling a 1 x 1 map
+        # is a broadcast, and the 1x1 conv commutes with it, so it runs on the pooled map.
+        pooled = self._aspp_pool.conv(self._avg_pool(x)).expand(-1, -1, *x.shape[-2:])
+        pooled = self._aspp_pool.act(self._aspp_pool.norm(pooled))
         branches = [self._aspp_conv0(x), self._aspp_conv1(x), self._aspp_conv2(x), self._aspp_conv3(x), pooled]
         return self._proj_drop(self._proj_conv_bn_act(torch.cat(branches, dim=1)))
 
