@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .mask2former import Matcher
 
@@ -326,12 +327,22 @@ class kMaXSetCriterion(nn.Module):
                 dense.void, dense.log_inverse_area, self.pixel_insdis_temperature, self.pixel_insdis_sample_k
             )  # [B, S]
             sampled_masks = masks.gather(2, index[:, None].expand(-1, masks.shape[1], -1))  # [B, N, S]
-            same_segment = sampled_masks.transpose(1, 2) @ sampled_masks  # [B, S, S]
-            # Rows of void pixels are all zero: no target, zero loss.
-            target = same_segment / same_segment.sum(-1, keepdim=True).clamp(min=1.0)
+            # Sampled pixels sharing each pixel's segment (itself included); 0 on void pixels.
+            segment_size = sampled_masks.transpose(1, 2) @ sampled_masks.sum(-1, keepdim=True)  # [B, S, 1]
         sampled = features.gather(2, index[:, None].expand(-1, features.shape[1], -1))  # [B, D, S]
-        similarity = sampled.transpose(1, 2) @ sampled / self.pixel_insdis_similarity_temperature
-        loss = -(target * similarity.log_softmax(-1)).sum(-1)  # [B, S]
+        temperature = self.pixel_insdis_similarity_temperature
+        # The soft cross-entropy against target t_ij = same_segment_ij / segment_size_i, without
+        # any S x S matrix kept for the backward pass (7 outputs x B images x 4096^2 floats would
+        # be gigabytes):
+        #   -sum_j t_ij log_softmax_j(s_ij) = rowsum(t)_i * logsumexp_j(s_ij) - sum_j t_ij s_ij,
+        # where sum_j t_ij s_ij = <f_i, mean of the sampled features of i's segment> / T comes
+        # from per-segment sums ([B, N, D]), and the logsumexp is recomputed in the backward pass.
+        segment_sums = sampled_masks @ sampled.transpose(1, 2)  # [B, N, D]
+        same_segment_sums = sampled_masks.transpose(1, 2) @ segment_sums  # [B, S, D]
+        labelled = (segment_size[..., 0] > 0).to(sampled.dtype)  # [B, S]
+        target_term = (sampled.transpose(1, 2) * same_segment_sums).sum(-1) / segment_size[..., 0].clamp(min=1.0)
+        log_partition = checkpoint(_similarity_logsumexp, sampled, temperature, use_reentrant=False)  # [B, S]
+        loss = labelled * log_partition - target_term / temperature
         return {"loss_pixel_insdis": _mean_of_nonzero(loss)}
 
     def loss_aux_semantic(self, outputs: dict[str, Tensor], dense: _DenseTargets) -> dict[str, Tensor]:
@@ -544,6 +555,11 @@ class kMaXSetCriterion(nn.Module):
             f"masking_void_pixel={self.masking_void_pixel}, ignore_value={self.ignore_value}, "
             f"weight_dict={self.weight_dict}"
         )
+
+
+def _similarity_logsumexp(features: Tensor, temperature: float) -> Tensor:
+    """[B, D, S] features -> [B, S]: logsumexp_j(<f_i, f_j> / temperature)."""
+    return torch.logsumexp(features.transpose(1, 2) @ features / temperature, dim=-1)
 
 
 def _mean_of_nonzero(loss: Tensor) -> Tensor:
