@@ -115,10 +115,16 @@ def _instances(
     return result
 
 
-def semantic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
-    """[K, H, W] per-class scores: sum over queries of p(class) x sigmoid(mask)."""
+def semantic_inference(
+    mask_cls: torch.Tensor, mask_pred: torch.Tensor, mask_probs: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """[K, H, W] per-class scores: sum over queries of p(class) x sigmoid(mask).
+
+    ``mask_probs``: ``mask_pred.sigmoid()`` if the caller has it already (it is the largest tensor
+    of inference at full resolution; the three outputs share one).
+    """
     class_probs = F.softmax(mask_cls, dim=-1)[..., :-1]
-    return torch.einsum("qc,qhw->chw", class_probs, mask_pred.sigmoid())
+    return torch.einsum("qc,qhw->chw", class_probs, mask_pred.sigmoid() if mask_probs is None else mask_probs)
 
 
 def panoptic_inference(
@@ -127,6 +133,7 @@ def panoptic_inference(
     thing_ids: set[int],
     object_mask_threshold: float,
     overlap_threshold: float,
+    mask_probs: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, list[dict]]:
     """Non-overlapping segments from the confident queries.
 
@@ -136,6 +143,7 @@ def panoptic_inference(
 
     Args:
         thing_ids: contiguous ids of the thing classes.
+        mask_probs: ``mask_pred.sigmoid()``, if the caller has it already.
 
     Returns:
         panoptic_seg [H, W] int32 (0 = void) and segments_info
@@ -144,7 +152,8 @@ def panoptic_inference(
     num_classes = mask_cls.shape[-1] - 1
     scores, labels = F.softmax(mask_cls, dim=-1).max(-1)
     keep = labels.ne(num_classes) & (scores > object_mask_threshold)
-    scores, labels, masks = scores[keep], labels[keep], mask_pred[keep].sigmoid()
+    masks = mask_pred[keep].sigmoid() if mask_probs is None else mask_probs[keep]
+    scores, labels = scores[keep], labels[keep]
 
     height, width = mask_pred.shape[-2:]
     if masks.shape[0] == 0:
@@ -172,16 +181,19 @@ def instance_inference(
     mask_pred: torch.Tensor,
     topk: int,
     thing_ids: Optional[set[int]] = None,
+    mask_probs: Optional[torch.Tensor] = None,
 ) -> Instances:
     """The ``topk`` best (query, class) pairs as instances.
 
     Score = p(class) x mean mask probability inside the predicted mask (logit > 0). With
     ``thing_ids`` (a panoptic model), only thing classes are kept. Boxes are the masks' extents.
+    ``mask_probs``: ``mask_pred.sigmoid()``, if the caller has it already.
     """
     class_probs = F.softmax(mask_cls, dim=-1)[:, :-1]
     scores, labels, queries = _topk_query_class_pairs(class_probs, topk, thing_ids)
-    masks = mask_pred[queries]
-    return _instances(mask_pred.shape[-2:], scores, labels, masks.sigmoid(), masks > 0)
+    probs = mask_pred[queries].sigmoid() if mask_probs is None else mask_probs[queries]
+    # Thresholding all logits, then gathering, copies bools instead of float masks.
+    return _instances(mask_pred.shape[-2:], scores, labels, probs, mask_pred.gt(0)[queries])
 
 
 def kmax_semantic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:

@@ -159,18 +159,22 @@ class MaskFormer(nn.Module):
         if self.sem_seg_postprocess_before_inference:
             mask_pred = retry_if_cuda_oom(sem_seg_postprocess)(mask_pred, image_size, height, width)
             mask_cls = mask_cls.to(mask_pred)
+        # One sigmoid of the (full-resolution) masks for all three outputs.
+        mask_probs = mask_pred.sigmoid() if self.sem_seg_postprocess_before_inference else None
         if self.semantic_on:
-            semantic = retry_if_cuda_oom(semantic_inference)(mask_cls, mask_pred)
+            semantic = retry_if_cuda_oom(semantic_inference)(mask_cls, mask_pred, mask_probs)
             if not self.sem_seg_postprocess_before_inference:
                 semantic = retry_if_cuda_oom(sem_seg_postprocess)(semantic, image_size, height, width)
             result["sem_seg"] = semantic
         if self.panoptic_on:
             result["panoptic_seg"] = retry_if_cuda_oom(panoptic_inference)(
-                mask_cls, mask_pred, thing_ids(self.metadata), self.object_mask_threshold, self.overlap_threshold
+                mask_cls, mask_pred, thing_ids(self.metadata), self.object_mask_threshold, self.overlap_threshold,
+                mask_probs,
             )
         if self.instance_on:
             result["instances"] = retry_if_cuda_oom(instance_inference)(
-                mask_cls, mask_pred, self.test_topk_per_image, thing_ids(self.metadata) if self.panoptic_on else None
+                mask_cls, mask_pred, self.test_topk_per_image, thing_ids(self.metadata) if self.panoptic_on else None,
+                mask_probs,
             )
         return result
 
