@@ -15,6 +15,7 @@ Module and attribute names (``conv`` / ``norm`` / ``act``, ``qkv_transform``, ``
 state dicts load unchanged.
 """
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ __all__ = [
     "RelativePositionalEncoding",
     "SingleBlock",
     "get_kmax_norm",
+    "tf_align_corners",
     "trunc_normal_tf_",
 ]
 
@@ -45,6 +47,13 @@ MAX_SPAN = 255
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """Up-cast half / bfloat16 to float32; leave float32 and float64 (used by tests) alone."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def tf_align_corners(size: Sequence[int]) -> bool:
+    """Bilinear resizing convention for a map of ``size`` (..., W): kMaX's odd sizes
+    (k * stride + 1) follow TF's align-corners grid, where coarse pixel i sits exactly on fine pixel
+    i * stride; even sizes use the half-pixel grid. Decided on the width, as the official port."""
+    return size[-1] % 2 == 1
 
 
 def trunc_normal_tf_(tensor: torch.Tensor, std: float = 1.0) -> torch.Tensor:

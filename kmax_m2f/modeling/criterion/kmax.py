@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .mask2former import Matcher
+from .mask2former import Matcher, apply_loss_weights
 
 __all__ = [
     "kMaXMatchingCost",
@@ -284,12 +284,8 @@ class kMaXSetCriterion(nn.Module):
         return losses
 
     def weighted_losses(self, losses: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Each loss times its ``weight_dict`` entry. A loss without a weight is an error rather
-        than silently dropped: with deep supervision off, leave "aux_outputs" out of the outputs."""
-        missing = sorted(set(losses) - set(self.weight_dict))
-        if missing:
-            raise KeyError(f"kMaXSetCriterion.weight_dict has no weight for {missing}.")
-        return {name: value * self.weight_dict[name] for name, value in losses.items()}
+        """See :func:`apply_loss_weights`."""
+        return apply_loss_weights(losses, self.weight_dict, type(self).__name__)
 
     def loss_labels(self, outputs: dict[str, Tensor], dense: _DenseTargets) -> dict[str, Tensor]:
         """PQ-style class term on "pred_logits" [B, N, K+1]."""

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .losses import calculate_uncertainty, dice_loss, sigmoid_ce_loss
 
-__all__ = ["SetCriterion", "build_weight_dict", "num_masks_across_workers"]
+__all__ = ["SetCriterion", "apply_loss_weights", "build_weight_dict", "num_masks_across_workers"]
 
 # (outputs, targets) -> per image (pred_indices, target_indices), e.g. a HungarianMatcher.
 Matcher = Callable[[dict[str, Tensor], list[dict[str, Tensor]]], list[tuple[Tensor, Tensor]]]
@@ -45,6 +45,19 @@ def build_weight_dict(weights: dict[str, float], num_aux_outputs: int) -> dict[s
     for i in range(num_aux_outputs):
         weight_dict.update({f"{k}_{i}": v for k, v in weights.items()})
     return weight_dict
+
+
+def apply_loss_weights(losses: dict[str, Tensor], weight_dict: dict[str, float], owner: str) -> dict[str, Tensor]:
+    """Each loss times its ``weight_dict`` entry. A loss without a weight is an error rather than
+    silently dropped: with deep supervision off, leave "aux_outputs" out of the outputs.
+
+    Args:
+        owner: the criterion's name, for the error message.
+    """
+    missing = sorted(set(losses) - set(weight_dict))
+    if missing:
+        raise KeyError(f"{owner}.weight_dict has no weight for {missing}.")
+    return {name: value * weight_dict[name] for name, value in losses.items()}
 
 
 class SetCriterion(nn.Module):
@@ -200,12 +213,8 @@ class SetCriterion(nn.Module):
         return losses
 
     def weighted_losses(self, losses: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Each loss times its ``weight_dict`` entry. A loss without a weight is an error rather
-        than silently dropped: with deep supervision off, leave "aux_outputs" out of the outputs."""
-        missing = sorted(set(losses) - set(self.weight_dict))
-        if missing:
-            raise KeyError(f"SetCriterion.weight_dict has no weight for {missing}.")
-        return {name: value * self.weight_dict[name] for name, value in losses.items()}
+        """See :func:`apply_loss_weights`."""
+        return apply_loss_weights(losses, self.weight_dict, type(self).__name__)
 
     def _match_and_compute(
         self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]], num_masks: float

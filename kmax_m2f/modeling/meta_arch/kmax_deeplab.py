@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from ...config import fixed_image_size
 from ..criterion import build_weight_dict
 from ..criterion.kmax import kMaXMatchingCost, kMaXSetCriterion
+from ..kmax_layers import tf_align_corners
 from ..matcher import HungarianMatcher
 from ..postprocess import kmax_instance_inference, kmax_panoptic_inference, kmax_semantic_inference
 from ..transformer_decoder.kmax import resize_aux_outputs
@@ -26,10 +27,6 @@ logger = logging.getLogger(__name__)
 # Queries upsampled to the image at once in inference: bounds the memory of the full-resolution
 # intermediate (128 masks at 1281 x 1281 would be 840 MB in float32).
 _UPSAMPLE_CHUNK = 16
-
-
-def _align_corners(size) -> bool:
-    return size[-1] % 2 == 1
 
 
 def _real_rows(real: int, padded: int, stride_size: int) -> int:
@@ -57,7 +54,7 @@ def masks_to_image(mask_logits: torch.Tensor, real_size: tuple[int, int], padded
     Returns:
         [N, height, width].
     """
-    align_corners = _align_corners(padded_size)
+    align_corners = tf_align_corners(padded_size)
     rows = _real_rows(real_size[0], padded_size[0], mask_logits.shape[-2])
     cols = _real_rows(real_size[1], padded_size[1], mask_logits.shape[-1])
     cropped = mask_logits[:, :rows, :cols]

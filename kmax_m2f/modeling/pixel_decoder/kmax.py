@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from ...config import fixed_image_size
 from ...layers import LayerNorm2d
-from ..kmax_layers import BlockGroup, ConvBN
+from ..kmax_layers import BlockGroup, ConvBN, tf_align_corners
 
 __all__ = ["ResizedFuse", "kMaXPixelDecoder", "kmax_feature_size"]
 
@@ -67,11 +67,9 @@ class ResizedFuse(nn.Module):
         """lowres_x: [B, C_low, h, w]; highres_x: [B, C_high, H, W] -> [B, out_channels, H, W]."""
         if self.low_in_channels != self.out_channels:
             lowres_x = self._conv_bn_low(F.gelu(lowres_x))
-        # Odd sizes (k * stride + 1) follow TF's align-corners grid, where coarse pixel i sits
-        # exactly on fine pixel i * 2; even sizes use the half-pixel grid. Same rule as the
-        # official port, which decides on the coarse width.
-        align_corners = lowres_x.shape[-1] % 2 == 1
-        lowres_x = F.interpolate(lowres_x, size=highres_x.shape[-2:], mode="bilinear", align_corners=align_corners)
+        lowres_x = F.interpolate(
+            lowres_x, size=highres_x.shape[-2:], mode="bilinear", align_corners=tf_align_corners(lowres_x.shape)
+        )
         if self.high_in_channels != self.out_channels:
             highres_x = self._conv_bn_high(F.gelu(highres_x))
         return lowres_x + highres_x

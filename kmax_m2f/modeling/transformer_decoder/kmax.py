@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import StochasticDepth
 
-from ..kmax_layers import ConvBN, get_kmax_norm, trunc_normal_tf_
+from ..kmax_layers import ConvBN, get_kmax_norm, tf_align_corners, trunc_normal_tf_
 from .mask2former import TRANSFORMER_DECODER_REGISTRY
 
 __all__ = [
@@ -44,11 +44,6 @@ __all__ = [
 # Prior probability of the void class at initialisation (deeplab2's MaX-DeepLab decoder): almost
 # every cluster predicts void at first, so that the early, poor masks do not claim classes.
 VOID_PRIOR_PROBABILITY = 0.9
-
-
-def _align_corners(size: Sequence[int]) -> bool:
-    """TF's align-corners grid for the odd sizes kMaX uses (k * stride + 1), half-pixel otherwise."""
-    return size[-1] % 2 == 1
 
 
 def void_prior_bias(num_classes_with_void: int, void_prior_prob: float = VOID_PRIOR_PROBABILITY) -> torch.Tensor:
@@ -349,7 +344,7 @@ class SemanticPredictor(nn.Module):
 
     def _fuse(self, x: torch.Tensor, low_features: torch.Tensor, stride: int) -> torch.Tensor:
         low = getattr(self, f"_low_level_projection_os{stride}")(low_features)
-        x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=_align_corners(x.shape))
+        x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=tf_align_corners(x.shape))
         x = torch.cat([x, low], dim=1)
         x = getattr(self, f"_low_level_fusion_os{stride}_conv0_bn_act")(x)
         return getattr(self, f"_low_level_fusion_os{stride}_conv1_bn_act")(x)
@@ -542,7 +537,7 @@ class kMaXTransformerDecoder(nn.Module):
 def resize_aux_outputs(outputs: dict, size: Sequence[int]) -> list[dict[str, torch.Tensor]]:
     """The per-layer predictions of ``outputs["aux_outputs"]`` with masks and pixel features
     bilinearly resized to ``size`` (the final prediction's), as the losses compare them there."""
-    align_corners = _align_corners(size)
+    align_corners = tf_align_corners(size)
     resized = []
     for aux in outputs["aux_outputs"]:
         entry = dict(aux)
