@@ -324,7 +324,7 @@ class kMaXSetCriterion(nn.Module):
             )  # [B, S]
             sampled_masks = masks.gather(2, index[:, None].expand(-1, masks.shape[1], -1))  # [B, N, S]
             # Sampled pixels sharing each pixel's segment (itself included); 0 on void pixels.
-            segment_size = sampled_masks.transpose(1, 2) @ sampled_masks.sum(-1, keepdim=True)  # [B, S, 1]
+            segment_size = (sampled_masks.transpose(1, 2) @ sampled_masks.sum(-1, keepdim=True)).squeeze(-1)  # [B, S]
         sampled = features.gather(2, index[:, None].expand(-1, features.shape[1], -1))  # [B, D, S]
         temperature = self.pixel_insdis_similarity_temperature
         # The soft cross-entropy against target t_ij = same_segment_ij / segment_size_i, without
@@ -335,8 +335,8 @@ class kMaXSetCriterion(nn.Module):
         # from per-segment sums ([B, N, D]), and the logsumexp is recomputed in the backward pass.
         segment_sums = sampled_masks @ sampled.transpose(1, 2)  # [B, N, D]
         same_segment_sums = sampled_masks.transpose(1, 2) @ segment_sums  # [B, S, D]
-        labelled = (segment_size[..., 0] > 0).to(sampled.dtype)  # [B, S]
-        target_term = (sampled.transpose(1, 2) * same_segment_sums).sum(-1) / segment_size[..., 0].clamp(min=1.0)
+        labelled = (segment_size > 0).to(sampled.dtype)  # [B, S]
+        target_term = (sampled.transpose(1, 2) * same_segment_sums).sum(-1) / segment_size.clamp(min=1.0)
         log_partition = checkpoint(_similarity_logsumexp, sampled, temperature, use_reentrant=False)  # [B, S]
         loss = labelled * log_partition - target_term / temperature
         return {"loss_pixel_insdis": _mean_of_nonzero(loss)}

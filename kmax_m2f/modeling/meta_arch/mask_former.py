@@ -159,8 +159,8 @@ class MaskFormer(nn.Module):
         if self.sem_seg_postprocess_before_inference:
             mask_pred = retry_if_cuda_oom(sem_seg_postprocess)(mask_pred, image_size, height, width)
             mask_cls = mask_cls.to(mask_pred)
-        # One sigmoid of the (full-resolution) masks for all three outputs.
-        mask_probs = mask_pred.sigmoid() if self.sem_seg_postprocess_before_inference else None
+        # One sigmoid of the masks, shared by the three outputs.
+        mask_probs = mask_pred.sigmoid()
         if self.semantic_on:
             semantic = retry_if_cuda_oom(semantic_inference)(mask_cls, mask_pred, mask_probs)
             if not self.sem_seg_postprocess_before_inference:
