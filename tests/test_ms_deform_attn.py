@@ -423,15 +423,19 @@ def test_cuda_kernel_matches_cpu_kernel(extension, dtype, levels, channels):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_kernel_half_inputs(dtype):
+    """Half inputs compute in float32 and store in their dtype. The reference runs in float32 on
+    the same rounded inputs: rounding a location can move it across a pixel edge, where the
+    bilinear location gradient legitimately jumps."""
     inputs = make_inputs(MASK2FORMER_LEVELS, channels=32, queries=50, device="cuda")
-    expected, grad_output = forward_and_gradients(MSDeformAttnFunction.apply, inputs)
     half_inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
-    actual, _ = forward_and_gradients(
-        MSDeformAttnFunction.apply, half_inputs, grad_output.to(dtype)
-    )
+    rounded_inputs = tuple(t.float() if t.is_floating_point() else t for t in half_inputs)
+    grad_output = torch.randn(2, 50, 2 * 32, generator=torch.Generator().manual_seed(1))
+    grad_output = grad_output.to(device="cuda", dtype=dtype)
+    expected, _ = forward_and_gradients(MSDeformAttnFunction.apply, rounded_inputs, grad_output.float())
+    actual, _ = forward_and_gradients(MSDeformAttnFunction.apply, half_inputs, grad_output)
     for a in actual:
         assert a.dtype == dtype
-    tolerance = 2e-2 if dtype == torch.float16 else 1e-1
+    tolerance = 1e-2 if dtype == torch.float16 else 4e-2
     assert_all_close([t.float() for t in actual], expected, rtol=tolerance, atol=tolerance)
 
 

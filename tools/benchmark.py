@@ -451,7 +451,7 @@ def _model_run(args: argparse.Namespace) -> None:
             measured.update(_run_child(common + ["--measure", config, mode, str(height), str(width), str(batch),
                                                  metric], args.threads, metric))
         print(f"| {label} | {Path(config).name} | {height}x{width} | {batch} | "
-              f"{measured['time_ms'] / 1000:.2f} | {measured['peak_mib']:.0f} | {measured['peak_total_mib']:.0f} |")
+              f"{measured['time_ms'] / 1000:.3f} | {measured['peak_mib']:.0f} | {measured['peak_total_mib']:.0f} |")
 
 
 # ---------------------------------------------------------------------------------------------
