@@ -20,7 +20,15 @@ QUICKSTART_DEMO_FLAGS_kmax := --show-clusters
 QUICKSTART_CONFIG = $(QUICKSTART_CONFIG_$(MODEL))
 QUICKSTART_OUT = output/quickstart/$(MODEL)
 
-.PHONY: setup test quickstart clean-ext
+# Compile and link the CUDA kernel on a machine with neither GPU nor CUDA toolkit: nvcc, the CUDA
+# headers and libcudart come from NVIDIA's PyPI wheels (CUDA 13.0, torch's), unpacked under
+# build/cuda-toolkit (about 250 MB). Catches build errors in csrc/ before a GPU is at hand; the
+# extension it builds (build/cuda-check/) is not installed.
+CUDA_TOOLKIT_WHEELS := nvidia-cuda-nvcc==13.0.* nvidia-nvvm==13.0.* nvidia-cuda-crt==13.0.* \
+	nvidia-cuda-cccl==13.0.* nvidia-cuda-runtime==13.0.*
+CUDA_TOOLKIT := $(CURDIR)/build/cuda-toolkit/nvidia/cu13
+
+.PHONY: setup test quickstart clean-ext cuda-build-check
 
 setup: $(EXT_STAMP)
 
@@ -53,6 +61,12 @@ quickstart: setup
 	$(PY) tools/demo.py --config-file $(QUICKSTART_CONFIG) --output $(QUICKSTART_OUT)/demo $(QUICKSTART_DEMO_FLAGS_$(MODEL)) \
 		--input $(addprefix datasets/synthetic/val/,000001.jpg 000002.jpg 000003.jpg 000004.jpg) \
 		--opts MODEL.WEIGHTS $(QUICKSTART_OUT)/model_final.pth
+
+cuda-build-check: setup
+	$(PIP) install -q --upgrade --no-deps --target build/cuda-toolkit $(CUDA_TOOLKIT_WHEELS)
+	ln -sf libcudart.so.13 $(CUDA_TOOLKIT)/lib/libcudart.so
+	CUDA_HOME=$(CUDA_TOOLKIT) FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" $(PY) setup.py build_ext \
+		--build-temp build/cuda-check/temp --build-lib build/cuda-check/lib
 
 clean-ext:
 	rm -rf build kmax_m2f/_C*.so $(EXT_STAMP)

@@ -259,6 +259,15 @@ def test_kernel_checks_its_own_inputs(extension):
         )
 
 
+def test_kernel_backward_checks_grad_output(extension):
+    inputs = make_inputs(NON_SQUARE_LEVELS)
+    output = extension.ms_deform_attn_forward(*inputs)
+    with pytest.raises(RuntimeError, match=r"grad_output must be \[N, Lq, H \* D\] = \[2, 9, 16\]"):
+        extension.ms_deform_attn_backward(*inputs, output[:, :-1])
+    with pytest.raises(RuntimeError, match="grad_output must be a Float tensor"):
+        extension.ms_deform_attn_backward(*inputs, output.double())
+
+
 # ---------------------------------------------------------------------------------------------
 # Choice of implementation
 

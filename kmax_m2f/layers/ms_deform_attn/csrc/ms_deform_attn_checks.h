@@ -71,6 +71,22 @@ inline MSDeformAttnSizes check_ms_deform_attn_inputs(
   return sizes;
 }
 
+// grad_output of the backward pass: [N, Lq, H * D], value's dtype and device.
+inline void check_grad_output(const at::Tensor& grad_output,
+                              const at::Tensor& value,
+                              const MSDeformAttnSizes& sizes) {
+  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == sizes.batch &&
+                  grad_output.size(1) == sizes.num_queries &&
+                  grad_output.size(2) == sizes.num_heads * sizes.channels,
+              "ms_deform_attn_backward: grad_output must be [N, Lq, H * D] = [", sizes.batch, ", ",
+              sizes.num_queries, ", ", sizes.num_heads * sizes.channels, "], got ",
+              grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type() &&
+                  grad_output.device() == value.device(),
+              "ms_deform_attn_backward: grad_output must be a ", value.scalar_type(),
+              " tensor on ", value.device());
+}
+
 // Levels are read straight from spatial_shapes / level_start_index by the kernels: a level that
 // does not fit in value would be read out of bounds. Needs the two index tensors on the CPU.
 inline void check_levels_fit(const at::Tensor& spatial_shapes_cpu,

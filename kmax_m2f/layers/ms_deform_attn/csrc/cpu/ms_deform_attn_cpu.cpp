@@ -429,15 +429,7 @@ std::vector<at::Tensor> ms_deform_attn_cpu_backward(const at::Tensor& value,
   const at::Tensor starts = level_start_index.contiguous();
   const KernelArgs args = prepare(value, shapes, starts, sampling_locations, attention_weights);
   const MSDeformAttnSizes& s = args.sizes;
-  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == s.batch &&
-                  grad_output.size(1) == s.num_queries &&
-                  grad_output.size(2) == s.num_heads * s.channels,
-              "ms_deform_attn_cpu_backward: grad_output must be [N, Lq, H * D] = [", s.batch,
-              ", ", s.num_queries, ", ", s.num_heads * s.channels, "], got ",
-              grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type() && grad_output.device().is_cpu(),
-              "ms_deform_attn_cpu_backward: grad_output must be a CPU tensor of ",
-              value.scalar_type());
+  check_grad_output(grad_output, value, s);
   const at::Tensor value_c = value.contiguous();
   const at::Tensor locations_c = sampling_locations.contiguous();
   const at::Tensor weights_c = attention_weights.contiguous();

@@ -232,16 +232,7 @@ std::vector<at::Tensor> ms_deform_attn_cuda_backward(const at::Tensor& value,
                                                      const at::Tensor& grad_output) {
   const MSDeformAttnSizes s = check_cuda_inputs(value, spatial_shapes, level_start_index,
                                                 sampling_locations, attention_weights);
-  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == s.batch &&
-                  grad_output.size(1) == s.num_queries &&
-                  grad_output.size(2) == s.num_heads * s.channels,
-              "ms_deform_attn_cuda_backward: grad_output must be [N, Lq, H * D] = [", s.batch,
-              ", ", s.num_queries, ", ", s.num_heads * s.channels, "], got ",
-              grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type() &&
-                  grad_output.device() == value.device(),
-              "ms_deform_attn_cuda_backward: grad_output must be a ", value.scalar_type(),
-              " tensor on ", value.device());
+  check_grad_output(grad_output, value, s);
   const at::cuda::OptionalCUDAGuard device_guard(value.device());
   const at::Tensor value_c = value.contiguous();
   const at::Tensor shapes_c = spatial_shapes.contiguous();
