@@ -3,10 +3,12 @@ import pytest
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
+from detectron2.utils.events import EventStorage
 from torch import nn
 
 import kmax_m2f
 from kmax_m2f.engine import Trainer, build_optimizer, build_param_groups, create_ddp_model
+from kmax_m2f.engine.trainer import CPUAutocast, build_train_loop
 from kmax_m2f.evaluation import build_evaluator
 
 
@@ -136,6 +138,39 @@ def test_multistep_schedule():
 def test_ddp_wrapper_is_identity_in_a_single_process():
     model = nn.Linear(2, 2)
     assert create_ddp_model(model) is model
+
+
+class LossModel(nn.Module):
+    """Returns its conv output's dtype as the loss's dtype, to show the autocast state."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3)
+
+    def forward(self, batch):
+        output = self.conv(batch)
+        return {"loss": output.float().square().mean()} if self.training else output
+
+
+def test_amp_on_cpu_trains_under_bfloat16_autocast_and_infers_in_float32():
+    cfg = kmax_m2f.build_config()
+    model = LossModel()
+    batches = iter([torch.randn(2, 3, 8, 8)] * 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert type(build_train_loop(cfg, model, batches, optimizer).model) is LossModel
+    cfg.SOLVER.AMP.ENABLED = True
+    loop = build_train_loop(cfg, model, batches, optimizer)
+    assert isinstance(loop.model, CPUAutocast) and loop.model.module is model
+    seen = []
+    model.conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    before = model.conv.weight.detach().clone()
+    loop.iter = 0
+    with EventStorage():
+        loop.run_step()
+    assert seen == [torch.bfloat16]
+    assert model.conv.weight.dtype == torch.float32 and not torch.equal(model.conv.weight, before)
+    loop.model.eval()
+    assert loop.model(torch.randn(1, 3, 8, 8)).dtype == torch.float32
 
 
 def test_evaluator_follows_dataset_type_and_task_flags(synthetic_prefix, tmp_path):

@@ -36,6 +36,32 @@ def create_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids, **kwargs)
 
 
+class CPUAutocast(nn.Module):
+    """Runs the wrapped model's training forward under CPU bfloat16 autocast (``SOLVER.AMP`` on a
+    CPU, where detectron2's AMPTrainer needs CUDA). bfloat16 keeps float32's exponent range, so
+    gradients need no loss scaling; inference (``eval()``) stays in float32. oneDNN runs bfloat16
+    convolutions and matrix products on AMX / AVX512-BF16 units where the CPU has them."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.module = model
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.training):
+            return self.module(*args, **kwargs)
+
+
+def build_train_loop(cfg: CfgNode, model: nn.Module, data_loader, optimizer) -> SimpleTrainer:
+    """detectron2's SimpleTrainer, or with ``SOLVER.AMP.ENABLED`` its AMPTrainer (float16 with
+    loss scaling) on a GPU and bfloat16 autocast (:class:`CPUAutocast`) on a CPU."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return SimpleTrainer(model, data_loader, optimizer)
+    if next(model.parameters()).device.type == "cuda":
+        return AMPTrainer(model, data_loader, optimizer)
+    logger.info("SOLVER.AMP on the CPU: training forward passes under bfloat16 autocast")
+    return SimpleTrainer(CPUAutocast(model), data_loader, optimizer)
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer with: the evaluator chosen from the dataset's ``evaluator_type``, the
     training mapper chosen by ``INPUT.DATASET_MAPPER_NAME``, AdamW/SGD with per-module parameter
@@ -53,8 +79,7 @@ class Trainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False)
-        trainer_type = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-        self._trainer = trainer_type(model, data_loader, optimizer)
+        self._trainer = build_train_loop(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
