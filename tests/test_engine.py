@@ -1,4 +1,7 @@
-"""Trainer pieces: parameter groups, gradient clipping, schedules, evaluator choice, CPU DDP."""
+"""Trainer pieces: parameter groups, gradient clipping, schedules, evaluator choice, CPU DDP,
+mixed precision on the CPU."""
+import logging
+
 import pytest
 import torch
 from detectron2.data import MetadataCatalog
@@ -8,6 +11,7 @@ from torch import nn
 
 import kmax_m2f
 from kmax_m2f.engine import Trainer, build_optimizer, build_param_groups, create_ddp_model
+from kmax_m2f.engine import trainer as trainer_module
 from kmax_m2f.engine.trainer import CPUAutocast, build_train_loop
 from kmax_m2f.evaluation import build_evaluator
 
@@ -152,7 +156,9 @@ class LossModel(nn.Module):
         return {"loss": output.float().square().mean()} if self.training else output
 
 
-def test_amp_on_cpu_trains_under_bfloat16_autocast_and_infers_in_float32():
+def test_amp_on_cpu_trains_under_bfloat16_autocast_and_infers_in_float32(monkeypatch):
+    # Functionally the same where oneDNN emulates bfloat16; only slower.
+    monkeypatch.setattr(trainer_module, "cpu_runs_bfloat16_natively", lambda: True)
     cfg = kmax_m2f.build_config()
     model = LossModel()
     batches = iter([torch.randn(2, 3, 8, 8)] * 3)
@@ -171,6 +177,17 @@ def test_amp_on_cpu_trains_under_bfloat16_autocast_and_infers_in_float32():
     assert model.conv.weight.dtype == torch.float32 and not torch.equal(model.conv.weight, before)
     loop.model.eval()
     assert loop.model(torch.randn(1, 3, 8, 8)).dtype == torch.float32
+
+
+def test_amp_on_a_cpu_without_native_bfloat16_trains_in_float32_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(trainer_module, "cpu_runs_bfloat16_natively", lambda: False)
+    cfg = kmax_m2f.build_config()
+    cfg.SOLVER.AMP.ENABLED = True
+    model = LossModel()
+    with caplog.at_level(logging.WARNING, logger=trainer_module.__name__):
+        loop = build_train_loop(cfg, model, iter([]), torch.optim.SGD(model.parameters(), lr=0.1))
+    assert loop.model is model
+    assert "no native bfloat16" in caplog.text
 
 
 def test_evaluator_follows_dataset_type_and_task_flags(synthetic_prefix, tmp_path):

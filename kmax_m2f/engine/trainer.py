@@ -51,13 +51,31 @@ class CPUAutocast(nn.Module):
             return self.module(*args, **kwargs)
 
 
+def cpu_runs_bfloat16_natively() -> bool:
+    """Whether oneDNN has bfloat16 kernels for this CPU (AVX-512 core, AMX, Arm bf16) - PyTorch's
+    own test. Elsewhere it emulates them: a synthetic Mask2Former step took 16x longer in bfloat16
+    than in float32 with oneDNN held to AVX2 (BENCHMARKS.md)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def build_train_loop(cfg: CfgNode, model: nn.Module, data_loader, optimizer) -> SimpleTrainer:
     """detectron2's SimpleTrainer, or with ``SOLVER.AMP.ENABLED`` its AMPTrainer (float16 with
-    loss scaling) on a GPU and bfloat16 autocast (:class:`CPUAutocast`) on a CPU."""
+    loss scaling) on a GPU and bfloat16 autocast (:class:`CPUAutocast`) on a CPU that runs
+    bfloat16 natively (float32 elsewhere, with a warning: emulated bfloat16 is far slower)."""
     if not cfg.SOLVER.AMP.ENABLED:
         return SimpleTrainer(model, data_loader, optimizer)
     if next(model.parameters()).device.type == "cuda":
         return AMPTrainer(model, data_loader, optimizer)
+    if not cpu_runs_bfloat16_natively():
+        logger.warning(
+            "SOLVER.AMP.ENABLED: this CPU has no native bfloat16 kernels (oneDNN would emulate them, "
+            "many times slower than float32), so training runs in float32. Set SOLVER.AMP.ENABLED False "
+            "to silence this."
+        )
+        return SimpleTrainer(model, data_loader, optimizer)
     logger.info("SOLVER.AMP on the CPU: training forward passes under bfloat16 autocast")
     return SimpleTrainer(CPUAutocast(model), data_loader, optimizer)
 
