@@ -65,7 +65,7 @@ quickstart: setup
 cuda-build-check: setup
 	$(PIP) install -q --upgrade --no-deps --target build/cuda-toolkit $(CUDA_TOOLKIT_WHEELS)
 	ln -sf libcudart.so.13 $(CUDA_TOOLKIT)/lib/libcudart.so
-	CUDA_HOME=$(CUDA_TOOLKIT) FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" $(PY) setup.py build_ext \
+	CUDA_HOME=$(CUDA_TOOLKIT) FORCE_CUDA=1 $(PY) setup.py build_ext \
 		--build-temp build/cuda-check/temp --build-lib build/cuda-check/lib
 
 clean-ext:

@@ -438,7 +438,7 @@ def test_cuda_kernel_half_inputs(dtype):
     inputs = make_inputs(MASK2FORMER_LEVELS, channels=32, queries=50, device="cuda")
     half_inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
     rounded_inputs = tuple(t.float() if t.is_floating_point() else t for t in half_inputs)
-    grad_output = torch.randn(2, 50, 2 * 32, generator=torch.Generator().manual_seed(1))
+    grad_output = torch.randn(2, 50, 2 * 32, generator=torch.Generator().manual_seed(1))  # [N, Lq, H * D]
     grad_output = grad_output.to(device="cuda", dtype=dtype)
     expected, _ = forward_and_gradients(MSDeformAttnFunction.apply, rounded_inputs, grad_output.float())
     actual, _ = forward_and_gradients(MSDeformAttnFunction.apply, half_inputs, grad_output)
