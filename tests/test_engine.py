@@ -74,6 +74,28 @@ def test_full_model_gradient_clipping_bounds_the_total_norm():
     assert torch.allclose(update, update[0].expand_as(update)), "clipping rescales, it does not reshape"
 
 
+@pytest.mark.parametrize("name", ["SGD", "ADAMW"])
+def test_cpu_optimizers_take_the_fused_step_with_the_same_update(name):
+    torch.manual_seed(0)
+    model = ToyModel()
+    cfg = _solver_cfg(**{"SOLVER.OPTIMIZER": name, "SOLVER.BASE_LR": 0.01, "SOLVER.MOMENTUM": 0.9})
+    optimizer = build_optimizer(cfg, model)
+    assert optimizer.defaults["fused"] is True
+    reference_model = ToyModel()
+    reference_model.load_state_dict(model.state_dict())
+    reference_optimizer = build_optimizer(cfg, reference_model)
+    for group in reference_optimizer.param_groups:
+        group["fused"] = None  # PyTorch's default CPU step: one parameter at a time
+    for _ in range(3):
+        for param, reference_param in zip(model.parameters(), reference_model.parameters()):
+            param.grad = torch.randn_like(param)
+            reference_param.grad = param.grad.clone()
+        optimizer.step()
+        reference_optimizer.step()
+    for param, reference_param in zip(model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(param, reference_param)
+
+
 def test_unknown_optimizer_is_a_clear_error():
     with pytest.raises(ValueError, match="SOLVER.OPTIMIZER='LAMB'"):
         build_optimizer(_solver_cfg(**{"SOLVER.OPTIMIZER": "LAMB"}), nn.Linear(2, 2))
