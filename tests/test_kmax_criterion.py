@@ -573,6 +573,11 @@ def test_bad_inputs():
         crit(dict(outputs, aux_semantic_pred=outputs["aux_semantic_pred"][:, :2]), targets)
     with pytest.raises(ValueError, match="corner-aligned"):
         crit(dict(outputs, aux_semantic_pred=outputs["aux_semantic_pred"][..., :2, :3]), targets)
+    # Even sizes: an integer ratio (64 targets, 8 predictions: 9) does not make the grids align.
+    even_outputs, even_targets = random_case(16, num_queries=4, num_segments=[2], size=(64, 64))
+    even_outputs["aux_semantic_pred"] = torch.randn(1, K + 1, 8, 8)
+    with pytest.raises(ValueError, match="corner-aligned"):
+        crit(even_outputs, even_targets)
     with pytest.raises(ValueError, match="semantic_masks"):
         crit(outputs, [{k: v for k, v in targets[0].items() if k != "semantic_masks"}])
     bad_semantic = targets[0]["semantic_masks"].clone()

@@ -531,12 +531,20 @@ class kMaXSetCriterion(nn.Module):
         (height, width), (h, w) = size, pred.shape[-2:]
         if (h, w) == (height, width):
             return
-        aligned = h > 1 and w > 1 and (height - 1) % (h - 1) == 0 and (width - 1) % (w - 1) == 0
+        # Reading the targets every (H - 1) / (h - 1) pixels is right only on TF's corner-aligned
+        # grid of odd sizes (input k * stride + 1): on even sizes the coarse pixel centres fall
+        # between target pixels, and an integer ratio there (64 targets, 8 predictions: 9) is a
+        # coincidence.
+        aligned = (
+            h > 1 and w > 1 and all(n % 2 == 1 for n in (height, width, h, w))
+            and (height - 1) % (h - 1) == 0 and (width - 1) % (w - 1) == 0
+        )
         if not aligned or (height - 1) // (h - 1) != (width - 1) // (w - 1):
             raise ValueError(
                 f"kMaXSetCriterion: aux_semantic_pred is {(h, w)} and the targets {(height, width)}; resize "
-                "the prediction to the target size, or use a corner-aligned size with (H - 1) / (h - 1) = "
-                "(W - 1) / (w - 1) an integer stride."
+                "the prediction to the target size, or use a corner-aligned size: odd sizes with "
+                "(H - 1) / (h - 1) = (W - 1) / (w - 1) an integer stride (an INPUT.IMAGE_SIZE of k x 32 + 1, "
+                "e.g. 1025 x 2049, for the light semantic head, MODEL.KMAX_DEEPLAB.USE_AUX_SEMANTIC_DECODER False)."
             )
 
     def extra_repr(self) -> str:
