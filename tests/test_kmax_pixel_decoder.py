@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import kmax_m2f
-from kmax_m2f.layers import DepthwiseConv2d, LayerNorm2d
+from kmax_m2f.layers import LayerNorm2d
 from kmax_m2f.modeling.kmax_layers import (
     MAX_SPAN,
     AxialAttention,
@@ -259,33 +259,6 @@ def test_shared_layers_follow_tf_conventions():
     x = torch.randn(2, 6, 3, 4)
     reference = F.layer_norm(x.permute(0, 2, 3, 1), (6,), norm.weight, norm.bias, 1e-6).permute(0, 3, 1, 2)
     torch.testing.assert_close(norm(x), reference)
-
-
-def test_depthwise_conv_equals_the_grouped_conv_and_runs_channels_last_on_cpu():
-    conv = DepthwiseConv2d(6, 5, padding=2, bias=True)
-    assert set(conv.state_dict()) == {"weight", "bias"} and conv.weight.shape == (6, 1, 5, 5)
-    x = torch.randn(2, 6, 7, 9, requires_grad=True)
-    output = conv(x)
-    assert output.is_contiguous(memory_format=torch.channels_last)
-    x_ref = x.detach().clone().requires_grad_()
-    weight, bias = conv.weight.detach().clone().requires_grad_(), conv.bias.detach().clone().requires_grad_()
-    reference = F.conv2d(x_ref, weight, bias, padding=2, groups=6)
-    torch.testing.assert_close(output, reference)
-    grad = torch.randn_like(reference)
-    output.backward(grad)
-    reference.backward(grad)
-    torch.testing.assert_close(x.grad, x_ref.grad)
-    torch.testing.assert_close(conv.weight.grad, weight.grad)
-    torch.testing.assert_close(conv.bias.grad, bias.grad)
-    # Under CPU bfloat16 autocast it stays in float32 (its bfloat16 weight gradient is slow).
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        autocast_output = conv(x.detach())
-    assert autocast_output.dtype == torch.float32
-    torch.testing.assert_close(autocast_output, reference.detach())
-    # ConvBN builds one exactly when the convolution is depthwise.
-    assert isinstance(ConvBN(6, 6, 5, padding=2, groups=6, norm="BN").conv, DepthwiseConv2d)
-    assert type(ConvBN(6, 6, 3, padding=1, groups=3, norm="BN").conv) is nn.Conv2d
-    assert type(ConvBN(6, 6, 1, groups=6, norm="BN", ndim=1).conv) is nn.Conv1d
 
 
 def _official_keys(in_channels, dec_channels, dec_layers, layer_types):

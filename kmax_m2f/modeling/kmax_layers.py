@@ -22,8 +22,6 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import StochasticDepth
 
-from ..layers import DepthwiseConv2d
-
 __all__ = [
     "MAX_SPAN",
     "TF_BN_EPS",
@@ -133,12 +131,11 @@ class ConvBN(nn.Module):
             norm_init: initial BN gamma; 0 for the BN that ends a residual branch.
         """
         super().__init__()
-        conv_args = dict(stride=stride, padding=padding, dilation=dilation, bias=bias)
-        if ndim == 2 and groups > 1 and groups == in_channels == out_channels:
-            self.conv = DepthwiseConv2d(in_channels, kernel_size, **conv_args)
-        else:
-            conv = {1: nn.Conv1d, 2: nn.Conv2d}[ndim]
-            self.conv = conv(in_channels, out_channels, kernel_size, groups=groups, **conv_args)
+        conv = {1: nn.Conv1d, 2: nn.Conv2d}[ndim]
+        self.conv = conv(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+            groups=groups, bias=bias,
+        )
         self.norm = get_kmax_norm(norm, out_channels, ndim)
         self.act = _activation(act)
 

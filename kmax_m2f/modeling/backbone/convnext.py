@@ -27,7 +27,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from ...layers import DepthwiseConv2d, LayerNorm2d
+from ...layers import LayerNorm2d
 
 __all__ = ["ConvNeXt", "ConvNeXtBlock", "D2ConvNeXt"]
 
@@ -53,7 +53,7 @@ class ConvNeXtBlock(nn.Module):
                 branch; <= 0 disables it (no ``gamma`` parameter).
         """
         super().__init__()
-        self.dwconv = DepthwiseConv2d(dim, kernel_size=7, padding=3)
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=_LAYER_NORM_EPS)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
