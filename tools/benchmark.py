@@ -4,6 +4,7 @@
     python tools/benchmark.py ms_deform_attn [--device cpu|cuda] [--repeats N] [--threads T]
     python tools/benchmark.py mask2former [--device cpu|cuda] [--repeats N] [--threads T]
     python tools/benchmark.py kmax [--device cpu|cuda] [--repeats N] [--threads T]
+    python tools/benchmark.py optimizer [--repeats N] [--threads T]
 
 Each subcommand prints a markdown table (ready for BENCHMARKS.md). Every figure is measured in a
 fresh child process, so that one measurement's allocations, caches and thread pools do not leak
@@ -455,6 +456,57 @@ def _model_run(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# optimizer: PyTorch's default CPU optimizer step against the fused one the trainer uses there
+
+OPTIMIZER_CONFIGS = [MASK2FORMER_SYNTHETIC, KMAX_SYNTHETIC]
+
+
+def _optimizer_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--measure", nargs=2, metavar=("CONFIG", "FUSED"), help=argparse.SUPPRESS)
+
+
+def _optimizer_measure(args: argparse.Namespace) -> dict:
+    import torch
+    from detectron2.modeling import build_model
+
+    import kmax_m2f
+    from kmax_m2f.engine import build_optimizer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config, fused = args.measure
+    cfg = kmax_m2f.build_config(str(REPO / config), ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    for group in optimizer.param_groups:
+        # None: PyTorch's default step, one parameter at a time on CPU.
+        group["fused"] = True if fused == "fused" else None
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+    num_tensors = sum(1 for _ in model.parameters())
+    return {"time_ms": _measure_time(optimizer.step, "cpu", args.repeats, args.warmup), "tensors": num_tensors}
+
+
+def _optimizer_run(args: argparse.Namespace) -> None:
+    if args.device != "cpu":
+        sys.exit(f"{args.benchmark} measures the CPU path only (--device cpu)")
+    if args.measure:
+        print(json.dumps(_optimizer_measure(args)))
+        return
+    common = ["optimizer", "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    print(f"Optimizer step of the quick-start models (random gradients); {_machine_description('cpu', args.threads)}; "
+          f"median of {args.repeats} after {args.warmup} warm-up; ms.\n")
+    print("| config | parameter tensors | default step | fused step | default / fused |")
+    print("|---|---:|---:|---:|---:|")
+    for config in OPTIMIZER_CONFIGS:
+        default, fused = (
+            _run_child(common + ["--measure", config, kind], args.threads, "time") for kind in ("default", "fused")
+        )
+        print(f"| {Path(config).name} | {default['tensors']} | {default['time_ms']:.1f} | {fused['time_ms']:.1f} | "
+              f"{_ratio(default['time_ms'], fused['time_ms'])} |")
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 
 # name -> (help, add its arguments, run it). Later components add their entry here.
@@ -473,6 +525,11 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         "kMaX-DeepLab: inference latency and training step (R50 at 641 / 1281, synthetic R18)",
         _model_args,
         _model_run,
+    ),
+    "optimizer": (
+        "CPU optimizer step of the quick-start models: PyTorch's default against the fused step",
+        _optimizer_args,
+        _optimizer_run,
     ),
 }
 
