@@ -129,6 +129,12 @@ def _run_child(command: list[str], threads: int, metric: str) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def _child_options(args: argparse.Namespace) -> list[str]:
+    """The subcommand and its shared options, to pass on to :func:`_run_child`."""
+    return [args.benchmark, "--device", args.device, "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+            "--threads", str(args.threads)]
+
+
 def _machine_description(device: str, threads: int) -> str:
     import torch
 
@@ -253,16 +259,7 @@ def _ms_deform_attn_run(args: argparse.Namespace) -> None:
     if args.device == "cuda" and not (torch.cuda.is_available() and extension.has_cuda()):
         sys.exit("--device cuda needs a visible GPU and kmax_m2f._C built with CUDA")
 
-    forwarded = [
-        "ms_deform_attn",
-        "--device",
-        args.device,
-        "--repeats",
-        str(args.repeats),
-        "--warmup",
-        str(args.warmup),
-        "--threads",
-        str(args.threads),
+    forwarded = _child_options(args) + [
         "--batch",
         str(args.batch),
         "--levels",
@@ -437,8 +434,7 @@ def _model_run(args: argparse.Namespace) -> None:
     if args.measure:
         print(json.dumps(_model_measure(args)))
         return
-    common = [args.benchmark, "--device", args.device, "--repeats", str(args.repeats), "--warmup",
-              str(args.warmup), "--threads", str(args.threads)]
+    common = _child_options(args)
     memory_kind = "peak CUDA memory" if args.device == "cuda" else "peak RSS increase"
     print(f"{MODEL_TITLES[args.benchmark]}, random weights and inputs; {_machine_description(args.device, args.threads)}; "
           f"median of {args.repeats} after {args.warmup} warm-up.\n")
@@ -493,7 +489,7 @@ def _optimizer_run(args: argparse.Namespace) -> None:
     if args.measure:
         print(json.dumps(_optimizer_measure(args)))
         return
-    common = ["optimizer", "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    common = _child_options(args)
     print(f"Optimizer step of the quick-start models (random gradients); {_machine_description('cpu', args.threads)}; "
           f"median of {args.repeats} after {args.warmup} warm-up; ms.\n")
     print("| config | parameter tensors | default step | fused step | default / fused |")
