@@ -136,6 +136,19 @@ def test_semantic_head_runs_in_training_only_and_light_head_has_k_outputs():
     assert light(*_decoder_inputs())["aux_semantic_pred"].shape == (2, 5, 3, 3)
 
 
+def test_semantic_decoder_width_is_configurable_and_defaults_to_the_official_256():
+    cfg = kmax_m2f.build_config(opts=["MODEL.KMAX_DEEPLAB.AUX_SEMANTIC_DECODER_CHANNELS", "24"])
+    args = kMaXTransformerDecoder.from_config(cfg, BACKBONE_SHAPES)
+    assert args["aux_semantic_decoder_channels"] == 24
+    narrow = kMaXTransformerDecoder(**{**TINY_DECODER, "aux_semantic_decoder_channels": 24}).train()
+    head = narrow._auxiliary_semantic_predictor
+    assert head._aspp._aspp_conv0.conv.out_channels == 24
+    assert head.conv_block_0.conv.weight.shape == (24, 1, 5, 5)
+    assert narrow(*_decoder_inputs())["aux_semantic_pred"].shape == (2, 6, 17, 17)
+    official = kMaXTransformerDecoder(**TINY_DECODER)._auxiliary_semantic_predictor
+    assert official._aspp._aspp_conv0.conv.out_channels == 256
+
+
 def test_cluster_centres_have_the_official_layout_and_backward_reaches_every_parameter():
     decoder = kMaXTransformerDecoder(**TINY_DECODER).train()
     assert decoder._cluster_centers.weight.shape == (32, 7)

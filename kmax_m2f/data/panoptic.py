@@ -8,17 +8,33 @@ from .datasets.checks import DatasetError
 VOID_ID = 0
 
 
-def read_panoptic_ids(pan_seg_file_name: str, segments_info: list[dict]) -> np.ndarray:
-    """[H, W] int64 segment ids of a COCO-panoptic PNG (id = R + 256 G + 256^2 B, 0 = void),
-    checked against the segments its JSON lists: an id the JSON does not describe means the PNG
-    and the JSON come from different conversions."""
-    segment_ids = rgb2id(utils.read_image(pan_seg_file_name, "RGB")).astype(np.int64)
-    described = {segment["id"] for segment in segments_info}
-    unknown = set(np.unique(segment_ids).tolist()) - described - {VOID_ID}
-    if unknown:
+def read_panoptic_png(pan_seg_file_name: str, segments_info: list[dict]) -> np.ndarray:
+    """[H, W, 3] uint8 COCO-panoptic PNG (segment id = R + 256 G + 256^2 B, 0 = void), checked
+    against the segments its JSON lists: an id the JSON does not describe means the PNG and the
+    JSON come from different conversions.
+
+    Mappers augment this picture and decode the ids afterwards (:func:`panoptic_ids`): detectron2
+    resizes a uint8 picture with PIL's nearest neighbour, so ids up to 2^24 survive exactly, and
+    the ids never need encoding back into a picture."""
+    panoptic_rgb = utils.read_image(pan_seg_file_name, "RGB")
+    described = [segment["id"] for segment in segments_info]
+    segment_ids = rgb2id(panoptic_rgb)
+    # isin compares against the few listed ids; np.unique would sort every pixel.
+    if not np.isin(segment_ids, described + [VOID_ID]).all():
+        unknown = sorted(set(np.unique(segment_ids).tolist()) - set(described) - {VOID_ID})
         raise DatasetError(
-            f"{pan_seg_file_name} contains segment ids {sorted(unknown)[:10]} that its JSON "
+            f"{pan_seg_file_name} contains segment ids {unknown[:10]} that its JSON "
             f"segments_info does not list (it lists {sorted(described)[:10]}). The PNG and the JSON "
             f"do not belong together: regenerate both with the same prepare_*.py run."
         )
-    return segment_ids
+    return panoptic_rgb
+
+
+def panoptic_ids(panoptic_rgb: np.ndarray) -> np.ndarray:
+    """[H, W, 3] uint8 COCO-panoptic picture (whole or augmented) -> [H, W] int64 segment ids."""
+    return rgb2id(panoptic_rgb).astype(np.int64)
+
+
+def read_panoptic_ids(pan_seg_file_name: str, segments_info: list[dict]) -> np.ndarray:
+    """[H, W] int64 segment ids of a COCO-panoptic PNG, checked (:func:`read_panoptic_png`)."""
+    return panoptic_ids(read_panoptic_png(pan_seg_file_name, segments_info))

@@ -32,11 +32,10 @@ from detectron2.data import transforms as T
 from detectron2.projects.point_rend import ColorAugSSDTransform
 from detectron2.structures import Instances
 from detectron2.utils.logger import log_every_n_seconds
-from panopticapi.utils import id2rgb, rgb2id
 
 from ...config import ConfigError, fixed_image_size
 from ..datasets.checks import DatasetError
-from ..panoptic import VOID_ID, read_panoptic_ids
+from ..panoptic import VOID_ID, panoptic_ids, read_panoptic_png
 from .build import MAPPER_REGISTRY
 from .common import check_class_ids, check_label_size, flip_augmentations, image_to_tensor, read_image
 
@@ -271,8 +270,8 @@ class KMaXPanopticDatasetMapper:
                 f"of void pixels: re-create the panoptic PNG and JSON."
             )
         image = read_image(record, self.image_format)
-        segment_ids = read_panoptic_ids(path, segments_info)
-        check_label_size(segment_ids, path, image, record["file_name"])
+        panoptic_rgb = read_panoptic_png(path, segments_info)
+        check_label_size(panoptic_rgb, path, image, record["file_name"])
 
         aug_input = T.AugInput(image)
         transforms = augmentations(aug_input)
@@ -283,9 +282,7 @@ class KMaXPanopticDatasetMapper:
                 f"{record['file_name']}, larger than image_size {self.image_size[1]}x"
                 f"{self.image_size[0]}: end them with a crop to image_size."
             )
-        # Transformed as a uint8 RGB picture, as the other panoptic mappers do: resized with PIL's
-        # nearest neighbour, ids up to 2^24 survive exactly.
-        segment_ids = rgb2id(transforms.apply_segmentation(id2rgb(segment_ids))).astype(np.int64)
+        segment_ids = panoptic_ids(transforms.apply_segmentation(panoptic_rgb))
         return _Canvas(
             image=_place_top_left(image, self.image_size),
             segment_ids=_place_top_left(segment_ids, self.image_size),

@@ -6,10 +6,9 @@ import numpy as np
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import transforms as T
-from panopticapi.utils import id2rgb, rgb2id
 
 from ..datasets.checks import DatasetError
-from ..panoptic import read_panoptic_ids
+from ..panoptic import panoptic_ids, read_panoptic_png
 from .build import MAPPER_REGISTRY
 from .common import MaskFormerMapperBase, check_class_ids, check_label_size, read_sem_seg, stack_masks
 
@@ -38,22 +37,20 @@ class MaskFormerPanopticDatasetMapper(MaskFormerMapperBase):
         check_class_ids(
             [s["category_id"] for s in segments_info], self.num_classes, None, f"segments_info of {path}"
         )
-        segment_ids = read_panoptic_ids(path, segments_info)
-        check_label_size(segment_ids, path, image, record["file_name"])
+        panoptic_rgb = read_panoptic_png(path, segments_info)
+        check_label_size(panoptic_rgb, path, image, record["file_name"])
 
         sem_seg = None
         if "sem_seg_file_name" in record:
             sem_seg = read_sem_seg(record, image, self.num_classes, self.ignore_label)
             del record["sem_seg_file_name"]
-        return sem_seg, (segment_ids, segments_info)
+        return sem_seg, (panoptic_rgb, segments_info)
 
     def segments(
         self, labels: tuple[np.ndarray, list[dict]], transforms: T.TransformList, aug_input: T.AugInput
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        segment_ids, segments_info = labels
-        # Transform the ids as a uint8 RGB picture, the official mapper's path: detectron2 then
-        # resizes with PIL's nearest neighbour, and ids up to 2^24 survive exactly.
-        segment_ids = rgb2id(transforms.apply_segmentation(id2rgb(segment_ids)))
+        panoptic_rgb, segments_info = labels
+        segment_ids = panoptic_ids(transforms.apply_segmentation(panoptic_rgb))
         kept = [s for s in segments_info if not s.get("iscrowd", 0)]
         classes = torch.tensor([s["category_id"] for s in kept], dtype=torch.int64)
         masks = stack_masks([segment_ids == s["id"] for s in kept], *segment_ids.shape)
