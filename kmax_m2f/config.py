@@ -157,6 +157,9 @@ def _add_kmax_deeplab_config(cfg: CN) -> None:
     # ASPP decoder for the semantic head (COCO / ADE20K); False: the light depthwise head of
     # the Cityscapes recipe.
     kmax.USE_AUX_SEMANTIC_DECODER = True
+    # Width of the ASPP decoder (its ASPP branches and head; official: 256). Not an official key:
+    # narrower decoders are for small CPU configs, whose step this decoder dominates otherwise.
+    kmax.AUX_SEMANTIC_DECODER_CHANNELS = 256
     # Pixel sampling of the instance-discrimination and semantic losses: SAMPLE_K pixels drawn
     # with logits TEMPERATURE * log(HW / area of their mask), which favours small masks.
     # Cityscapes: INSDIS temperature 0.6 and the full semantic cross-entropy (SAMPLE_K 0).

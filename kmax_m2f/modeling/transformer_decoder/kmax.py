@@ -388,6 +388,7 @@ class kMaXTransformerDecoder(nn.Module):
         add_aux_semantic_pred: bool,
         use_aux_semantic_decoder: bool,
         input_shape_from_backbone: dict[str, ShapeSpec],
+        aux_semantic_decoder_channels: int = 256,
         hidden_dim: int = 256,
         dim_feedforward: int = 2048,
         num_heads: int = 8,
@@ -404,6 +405,7 @@ class kMaXTransformerDecoder(nn.Module):
             use_aux_semantic_decoder: the ASPP decoder (K+1 outputs, COCO / ADE20K) rather than the
                 light head (K outputs, Cityscapes), as in the official port.
             input_shape_from_backbone: backbone shapes; the semantic head reads res5, res3, res2.
+            aux_semantic_decoder_channels: width of the ASPP decoder's ASPP and head.
             hidden_dim: channels of the cluster centres (and of the layers' bottleneck; keys are
                 half as wide, as are the mask embeddings).
             dim_feedforward: hidden width of the cluster FFN.
@@ -459,6 +461,7 @@ class kMaXTransformerDecoder(nn.Module):
                     input_shape_from_backbone["res2"].channels,
                     num_classes + 1,
                     norm=norm,
+                    aspp_channels=aux_semantic_decoder_channels,
                 )
             else:
                 self._auxiliary_semantic_predictor = _light_semantic_head(res5, num_classes, norm)
@@ -475,6 +478,7 @@ class kMaXTransformerDecoder(nn.Module):
             "add_aux_semantic_pred": cfg.MODEL.KMAX_DEEPLAB.AUX_SEMANTIC_WEIGHT > 0,
             "use_aux_semantic_decoder": cfg.MODEL.KMAX_DEEPLAB.USE_AUX_SEMANTIC_DECODER,
             "input_shape_from_backbone": input_shape_from_backbone,
+            "aux_semantic_decoder_channels": cfg.MODEL.KMAX_DEEPLAB.AUX_SEMANTIC_DECODER_CHANNELS,
             "hidden_dim": dec.HIDDEN_DIM,
             "dim_feedforward": dec.DIM_FEEDFORWARD,
             "num_heads": dec.NUM_HEADS,
