@@ -188,7 +188,9 @@ def tiny_kmax(synthetic_prefix):
         "configs/synthetic/panoptic-segmentation/kmax_R18_synthetic.yaml",
         ["INPUT.IMAGE_SIZE", "[64, 64]", "MODEL.KMAX_DEEPLAB.TRANS_DEC.HIDDEN_DIM", "32",
          "MODEL.KMAX_DEEPLAB.TRANS_DEC.DIM_FEEDFORWARD", "32", "MODEL.KMAX_DEEPLAB.TRANS_DEC.NUM_HEADS", "4",
-         "MODEL.KMAX_DEEPLAB.TRANS_DEC.NUM_OBJECT_QUERIES", "6"],
+         "MODEL.KMAX_DEEPLAB.TRANS_DEC.NUM_OBJECT_QUERIES", "6",
+         # The official decoder depth (the quick-start config runs one layer per stride).
+         "MODEL.KMAX_DEEPLAB.TRANS_DEC.DEC_LAYERS", "[2, 2, 2]"],
     )
     return kMaXDeepLab(cfg), cfg
 
