@@ -386,23 +386,29 @@ def _model_batch(
     return inputs
 
 
-def _model_measure(args: argparse.Namespace) -> dict:
+def _build_measured_model(args: argparse.Namespace, config: str, opts: list[str]) -> tuple:
+    """(cfg, model) of ``config`` with random weights on ``args.device``, in a child process set
+    to ``args.threads`` threads and seeded."""
     import torch
     from detectron2.modeling import build_model
 
     import kmax_m2f
-    from kmax_m2f.engine import build_optimizer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    cfg = kmax_m2f.build_config(str(REPO / config), ["MODEL.DEVICE", args.device, "MODEL.WEIGHTS", ""] + opts)
+    return cfg, build_model(cfg)
+
+
+def _model_measure(args: argparse.Namespace) -> dict:
+    import torch
+
+    from kmax_m2f.engine import build_optimizer
+
     config, mode, height, width, batch, metric = args.measure
     height, width, batch = int(height), int(width), int(batch)
-    opts = ["MODEL.DEVICE", args.device, "MODEL.WEIGHTS", ""]
     kmax = args.benchmark == "kmax"
-    if kmax:
-        opts += ["INPUT.IMAGE_SIZE", f"[{height}, {width}]"]
-    cfg = kmax_m2f.build_config(str(REPO / config), opts)
-    model = build_model(cfg)
+    cfg, model = _build_measured_model(args, config, ["INPUT.IMAGE_SIZE", f"[{height}, {width}]"] if kmax else [])
     inputs = _model_batch(height, width, batch, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, mode == "train", 4 if kmax else 1)
     if mode == "inference":
         model.eval()
@@ -463,16 +469,11 @@ def _optimizer_args(parser: argparse.ArgumentParser) -> None:
 
 def _optimizer_measure(args: argparse.Namespace) -> dict:
     import torch
-    from detectron2.modeling import build_model
 
-    import kmax_m2f
     from kmax_m2f.engine import build_optimizer
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     config, fused = args.measure
-    cfg = kmax_m2f.build_config(str(REPO / config), ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
-    model = build_model(cfg)
+    cfg, model = _build_measured_model(args, config, [])
     optimizer = build_optimizer(cfg, model)
     for group in optimizer.param_groups:
         # None: PyTorch's default step, one parameter at a time on CPU.
