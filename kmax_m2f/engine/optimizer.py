@@ -73,8 +73,8 @@ def _with_full_model_clipping(optimizer_type: type, max_norm: float) -> type:
 
 def _all_on_cpu(groups: list[dict[str, Any]]) -> bool:
     """Whether every parameter is a floating-point CPU tensor: there PyTorch's default optimizer
-    step loops over the parameters one by one (56 ms of a 0.70 s step for the 541 tensors of the
-    kMaX quick-start model, 2 cores), while its fused kernel takes 15 ms
+    step loops over the parameters one by one (56 ms of a 0.70 s step for the 541 tensors of a
+    small kMaX model, 2 cores), while its fused kernel takes 15 ms
     (``python tools/benchmark.py optimizer``, BENCHMARKS.md). On a GPU
     the default is already the multi-tensor path, and a fused step there would skip the gradient
     scaler's unscaling before the gradient clipping of the optimizer's ``step``."""
