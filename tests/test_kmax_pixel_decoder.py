@@ -13,6 +13,7 @@ from kmax_m2f.modeling.kmax_layers import (
     AxialAttention,
     AxialAttention2D,
     ConvBN,
+    DepthwiseConv2d,
     RelativePositionalEncoding,
     SingleBlock,
     get_kmax_norm,
@@ -259,6 +260,43 @@ def test_shared_layers_follow_tf_conventions():
     x = torch.randn(2, 6, 3, 4)
     reference = F.layer_norm(x.permute(0, 2, 3, 1), (6,), norm.weight, norm.bias, 1e-6).permute(0, 3, 1, 2)
     torch.testing.assert_close(norm(x), reference)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_depthwise_conv_matches_nn_conv2d_in_value_gradient_and_layout(autocast):
+    torch.manual_seed(0)
+    depthwise = DepthwiseConv2d(6, 5, padding=2, bias=True)
+    reference = nn.Conv2d(6, 6, 5, padding=2, groups=6, bias=True)
+    reference.load_state_dict(depthwise.state_dict())
+    x = torch.randn(2, 6, 9, 7)
+    outputs, grads = [], []
+    for conv in (depthwise, reference):
+        x_in = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            previous_layer_output = x_in.to(torch.bfloat16) if autocast else x_in * 1.0
+            previous_layer_output.register_hook(grads.append)
+            y = conv(previous_layer_output)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outputs.append(y)
+        grads += [conv.weight.grad, conv.bias.grad]
+    # Same dtype and NCHW memory as nn.Conv2d's output and input gradient, so that the layers
+    # around it run as they would around nn.Conv2d (a channels-last gradient slows a batch norm's
+    # backward pass 3x).
+    assert outputs[0].dtype == outputs[1].dtype and outputs[0].is_contiguous()
+    assert grads[0].dtype == grads[3].dtype and grads[0].is_contiguous()
+    tolerance = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs[0].float(), outputs[1].float(), **tolerance)
+    for grad, expected in zip(grads[:3], grads[3:]):
+        torch.testing.assert_close(grad.float(), expected.float(), **tolerance)
+
+
+def test_conv_bn_uses_the_depthwise_conv_with_nn_conv2d_parameter_names():
+    depthwise = ConvBN(8, 8, 5, padding=2, groups=8, norm="BN")
+    assert type(depthwise.conv) is DepthwiseConv2d
+    assert set(depthwise.state_dict()) == set(ConvBN(8, 8, 5, padding=2, groups=2, norm="BN").state_dict())
+    assert depthwise.conv.weight.shape == (8, 1, 5, 5)
+    assert type(ConvBN(8, 16, 5, padding=2, groups=8, norm="BN").conv) is nn.Conv2d
+    assert type(ConvBN(8, 8, 1, ndim=1, groups=8, norm="").conv) is nn.Conv1d
 
 
 def _official_keys(in_channels, dec_channels, dec_layers, layer_types):

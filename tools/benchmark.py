@@ -5,6 +5,7 @@
     python tools/benchmark.py mask2former [--device cpu|cuda] [--repeats N] [--threads T]
     python tools/benchmark.py kmax [--device cpu|cuda] [--repeats N] [--threads T]
     python tools/benchmark.py optimizer [--repeats N] [--threads T]
+    python tools/benchmark.py depthwise [--repeats N] [--threads T]
 
 Each subcommand prints a markdown table (ready for BENCHMARKS.md). Every figure is measured in a
 fresh child process, so that one measurement's allocations, caches and thread pools do not leak
@@ -504,6 +505,70 @@ def _optimizer_run(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# depthwise: kMaX's DepthwiseConv2d (float32 channels-last on small CPU maps) against nn.Conv2d
+
+# [B, C, H, W] inputs of 5x5 depthwise convolutions: the kMaX quick start's (32x32, 16x16) and
+# larger maps on both sides of DepthwiseConv2d.CHANNELS_LAST_MAX_PIXELS, up to kMaX R50's at 641.
+DEPTHWISE_SHAPES = [
+    (8, 64, 32, 32), (8, 64, 16, 16), (1, 64, 32, 32), (2, 256, 41, 41),
+    (8, 64, 64, 64), (1, 256, 64, 64), (1, 256, 81, 81), (1, 256, 161, 161),
+]
+
+
+def _depthwise_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--measure", nargs=3, metavar=("SHAPE", "MODULE", "AUTOCAST"), help=argparse.SUPPRESS)
+
+
+def _depthwise_measure(args: argparse.Namespace) -> dict:
+    """Forward + backward (input and weight gradients) of one module on one input shape."""
+    import torch
+    from torch import nn
+
+    from kmax_m2f.modeling.kmax_layers import DepthwiseConv2d
+
+    shape, module, autocast = args.measure
+    batch, channels, height, width = (int(v) for v in shape.split("x"))
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if module == "DepthwiseConv2d":
+        conv = DepthwiseConv2d(channels, 5, padding=2)
+    else:
+        conv = nn.Conv2d(channels, channels, 5, padding=2, groups=channels)
+    x = torch.randn(batch, channels, height, width, requires_grad=True)
+    output_grad = torch.randn(batch, channels, height, width)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "autocast"):
+            # A layer before the convolution, so its input gradient is computed as in a network.
+            out = conv(x * 1.0)
+        out.float().backward(output_grad)
+
+    return {"time_ms": _measure_time(step, "cpu", args.repeats, args.warmup)}
+
+
+def _depthwise_run(args: argparse.Namespace) -> None:
+    if args.device != "cpu":
+        sys.exit(f"{args.benchmark} measures the CPU path only (--device cpu)")
+    if args.measure:
+        print(json.dumps(_depthwise_measure(args)))
+        return
+    common = _child_options(args)
+    print(f"5x5 depthwise convolution, forward + backward; {_machine_description('cpu', args.threads)}; "
+          f"median of {args.repeats} after {args.warmup} warm-up; ms.\n")
+    print("| input | nn.Conv2d float32 | DepthwiseConv2d float32 | nn.Conv2d bfloat16 autocast | "
+          "DepthwiseConv2d bfloat16 autocast |")
+    print("|---|---:|---:|---:|---:|")
+    for shape in DEPTHWISE_SHAPES:
+        shape_arg = "x".join(str(v) for v in shape)
+        times = [
+            _run_child(common + ["--measure", shape_arg, module, autocast], args.threads, "time")["time_ms"]
+            for autocast in ("float32", "autocast")
+            for module in ("nn.Conv2d", "DepthwiseConv2d")
+        ]
+        print(f"| {list(shape)} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 
 # name -> (help, add its arguments, run it). Later components add their entry here.
@@ -527,6 +592,11 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         "CPU optimizer step of the quick-start models: PyTorch's default against the fused step",
         _optimizer_args,
         _optimizer_run,
+    ),
+    "depthwise": (
+        "kMaX's DepthwiseConv2d against nn.Conv2d on the CPU, forward + backward",
+        _depthwise_args,
+        _depthwise_run,
     ),
 }
 

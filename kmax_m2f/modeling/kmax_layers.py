@@ -30,6 +30,7 @@ __all__ = [
     "AxialAttention2D",
     "BlockGroup",
     "ConvBN",
+    "DepthwiseConv2d",
     "RelativePositionalEncoding",
     "SingleBlock",
     "get_kmax_norm",
@@ -95,6 +96,39 @@ def _activation(name: str) -> nn.Module:
     return activations[name]()
 
 
+class DepthwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d(channels, channels, kernel_size, groups=channels, ...)`` that computes in
+    float32 on channels-last memory for CPU maps of at most ``CHANNELS_LAST_MAX_PIXELS`` pixels.
+
+    On small maps oneDNN's backward pass of a depthwise convolution in bfloat16 (autocast) or on
+    NCHW memory is several times slower than in float32 channels-last: forward and backward of a
+    5x5 kernel on [8, 64, 32, 32] take 11.0 ms under autocast against 6.9 ms this way (2 threads,
+    layout changes included). On large maps the layout changes cost more than the kernel saves:
+    [1, 256, 81, 81] takes 24.7 against 43.5 ms, so those, and every other device, run
+    ``nn.Conv2d`` as is (BENCHMARKS.md, "CPU training step"). Same parameters, output dtype and
+    NCHW layout as ``nn.Conv2d`` either way, in and out of autocast.
+    """
+
+    # 45x45: channels-last won on every measured map up to 41x41 and lost from 64x64 on at batch 1.
+    CHANNELS_LAST_MAX_PIXELS = 2048
+
+    def __init__(self, channels: int, kernel_size: int, **kwargs):
+        super().__init__(channels, channels, kernel_size, groups=channels, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, C, H', W']."""
+        if x.device.type != "cpu" or x.shape[-2] * x.shape[-1] > self.CHANNELS_LAST_MAX_PIXELS:
+            return super().forward(x)
+        out_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        x_channels_last = x.to(torch.float32, memory_format=torch.channels_last)
+        if x_channels_last.requires_grad:
+            # The input gradient comes out channels-last; the layer before expects NCHW.
+            x_channels_last.register_hook(lambda grad: grad.contiguous())
+        with torch.autocast("cpu", enabled=False):
+            out = super().forward(x_channels_last)
+        return out.to(dtype=out_dtype, memory_format=torch.contiguous_format)
+
+
 class ConvBN(nn.Module):
     """Convolution, then optional TF-style batch norm, then optional activation.
 
@@ -131,11 +165,16 @@ class ConvBN(nn.Module):
             norm_init: initial BN gamma; 0 for the BN that ends a residual branch.
         """
         super().__init__()
-        conv = {1: nn.Conv1d, 2: nn.Conv2d}[ndim]
-        self.conv = conv(
-            in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-            groups=groups, bias=bias,
-        )
+        if ndim == 2 and groups == in_channels == out_channels and groups > 1:
+            self.conv = DepthwiseConv2d(
+                in_channels, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=bias
+            )
+        else:
+            conv = {1: nn.Conv1d, 2: nn.Conv2d}[ndim]
+            self.conv = conv(
+                in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                groups=groups, bias=bias,
+            )
         self.norm = get_kmax_norm(norm, out_channels, ndim)
         self.act = _activation(act)
 
