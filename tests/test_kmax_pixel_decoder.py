@@ -290,6 +290,14 @@ def test_depthwise_conv_matches_nn_conv2d_in_value_gradient_and_layout(autocast)
         torch.testing.assert_close(grad.float(), expected.float(), **tolerance)
 
 
+def test_depthwise_conv_keeps_float64():
+    conv = DepthwiseConv2d(4, 3, padding=1).double()
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    reference = F.conv2d(x, conv.weight, conv.bias, padding=1, groups=4)
+    assert conv(x).dtype == torch.float64
+    torch.testing.assert_close(conv(x), reference)
+
+
 def test_conv_bn_uses_the_depthwise_conv_with_nn_conv2d_parameter_names():
     depthwise = ConvBN(8, 8, 5, padding=2, groups=8, norm="BN")
     assert type(depthwise.conv) is DepthwiseConv2d

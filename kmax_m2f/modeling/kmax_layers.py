@@ -120,7 +120,9 @@ class DepthwiseConv2d(nn.Conv2d):
         if x.device.type != "cpu" or x.shape[-2] * x.shape[-1] > self.CHANNELS_LAST_MAX_PIXELS:
             return super().forward(x)
         out_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        x_channels_last = x.to(torch.float32, memory_format=torch.channels_last)
+        # float32 under autocast (bfloat16 input, float32 weight); float64 stays float64.
+        compute_dtype = torch.promote_types(x.dtype, self.weight.dtype)
+        x_channels_last = x.to(compute_dtype, memory_format=torch.channels_last)
         if x_channels_last.requires_grad:
             # The input gradient comes out channels-last; the layer before expects NCHW.
             x_channels_last.register_hook(lambda grad: grad.contiguous())
