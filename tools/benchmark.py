@@ -485,13 +485,21 @@ def _optimizer_measure(args: argparse.Namespace) -> dict:
     return {"time_ms": _measure_time(optimizer.step, "cpu", args.repeats, args.warmup), "tensors": num_tensors}
 
 
-def _optimizer_run(args: argparse.Namespace) -> None:
+def _cpu_child_options(args: argparse.Namespace, measure: Callable[[argparse.Namespace], dict]) -> list[str] | None:
+    """Start of a CPU-only subcommand: stop on ``--device cuda``; in a measuring child, print
+    ``measure(args)`` and return None; in the parent, return the options for its children."""
     if args.device != "cpu":
         sys.exit(f"{args.benchmark} measures the CPU path only (--device cpu)")
     if args.measure:
-        print(json.dumps(_optimizer_measure(args)))
+        print(json.dumps(measure(args)))
+        return None
+    return _child_options(args)
+
+
+def _optimizer_run(args: argparse.Namespace) -> None:
+    common = _cpu_child_options(args, _optimizer_measure)
+    if common is None:
         return
-    common = _child_options(args)
     print(f"Optimizer step of the quick-start models (random gradients); {_machine_description('cpu', args.threads)}; "
           f"median of {args.repeats} after {args.warmup} warm-up; ms.\n")
     print("| config | parameter tensors | default step | fused step | default / fused |")
@@ -547,12 +555,9 @@ def _depthwise_measure(args: argparse.Namespace) -> dict:
 
 
 def _depthwise_run(args: argparse.Namespace) -> None:
-    if args.device != "cpu":
-        sys.exit(f"{args.benchmark} measures the CPU path only (--device cpu)")
-    if args.measure:
-        print(json.dumps(_depthwise_measure(args)))
+    common = _cpu_child_options(args, _depthwise_measure)
+    if common is None:
         return
-    common = _child_options(args)
     print(f"5x5 depthwise convolution, forward + backward; {_machine_description('cpu', args.threads)}; "
           f"median of {args.repeats} after {args.warmup} warm-up; ms.\n")
     print("| input | nn.Conv2d float32 | DepthwiseConv2d float32 | nn.Conv2d bfloat16 autocast | "
