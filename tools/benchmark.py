@@ -221,7 +221,6 @@ def _ms_deform_attn_measure(args: argparse.Namespace) -> dict:
 
     from kmax_m2f.layers.ms_deform_attn import MSDeformAttnFunction, ms_deform_attn_reference
 
-    torch.set_num_threads(args.threads)
     implementation, mode, metric = args.measure
     function = {"kernel": MSDeformAttnFunction.apply, "reference": ms_deform_attn_reference}[
         implementation
@@ -388,15 +387,11 @@ def _model_batch(
 
 
 def _build_measured_model(args: argparse.Namespace, config: str, opts: list[str]) -> tuple:
-    """(cfg, model) of ``config`` with random weights on ``args.device``, in a child process set
-    to ``args.threads`` threads and seeded."""
-    import torch
+    """(cfg, model) of ``config`` with random weights on ``args.device``."""
     from detectron2.modeling import build_model
 
     import kmax_m2f
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     cfg = kmax_m2f.build_config(str(REPO / config), ["MODEL.DEVICE", args.device, "MODEL.WEIGHTS", ""] + opts)
     return cfg, build_model(cfg)
 
@@ -536,8 +531,6 @@ def _depthwise_measure(args: argparse.Namespace) -> dict:
 
     shape, module, autocast = args.measure
     batch, channels, height, width = (int(v) for v in shape.split("x"))
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     if module == "DepthwiseConv2d":
         conv = DepthwiseConv2d(channels, 5, padding=2)
     else:
@@ -618,6 +611,12 @@ def main(argv: list[str] | None = None) -> None:
         add_arguments(subparser)
         subparser.set_defaults(run=run)
     args = parser.parse_args(argv)
+    if args.measure:
+        # A measuring child (see _run_child): its thread count and random weights / inputs.
+        import torch
+
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
     args.run(args)
 
 
