@@ -34,6 +34,10 @@ def add_kmax_m2f_config(cfg: CN) -> None:
     cfg.INPUT.IMAGE_SIZE = None
     cfg.INPUT.MIN_SCALE = 0.1
     cfg.INPUT.MAX_SCALE = 2.0
+    # MiB of decoded training images and label maps each data-loader process keeps in memory
+    # (kmax_m2f.data.file_cache); 0: decode every time. For small datasets seen many times, on
+    # machines where the loader's workers compete with training for a few cores.
+    cfg.DATALOADER.DECODED_FILE_CACHE_MB = 0
 
     _add_mask_former_config(cfg)
     _add_swin_config(cfg)

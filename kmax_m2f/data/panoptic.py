@@ -4,18 +4,27 @@ from detectron2.data import detection_utils as utils
 from panopticapi.utils import rgb2id
 
 from .datasets.checks import DatasetError
+from .file_cache import NO_CACHE, DecodedFileCache
 
 VOID_ID = 0
 
 
-def read_panoptic_png(pan_seg_file_name: str, segments_info: list[dict]) -> np.ndarray:
+def read_panoptic_png(
+    pan_seg_file_name: str, segments_info: list[dict], cache: DecodedFileCache = NO_CACHE
+) -> np.ndarray:
     """[H, W, 3] uint8 COCO-panoptic PNG (segment id = R + 256 G + 256^2 B, 0 = void), checked
     against the segments its JSON lists: an id the JSON does not describe means the PNG and the
-    JSON come from different conversions.
+    JSON come from different conversions. ``cache`` keeps the checked picture (read-only).
 
     Mappers augment this picture and decode the ids afterwards (:func:`panoptic_ids`): detectron2
     resizes a uint8 picture with PIL's nearest neighbour, so ids up to 2^24 survive exactly, and
     the ids never need encoding back into a picture."""
+    return cache.get(
+        ("panoptic", pan_seg_file_name), lambda: _read_checked_panoptic_png(pan_seg_file_name, segments_info)
+    )
+
+
+def _read_checked_panoptic_png(pan_seg_file_name: str, segments_info: list[dict]) -> np.ndarray:
     panoptic_rgb = utils.read_image(pan_seg_file_name, "RGB")
     described = [segment["id"] for segment in segments_info]
     segment_ids = rgb2id(panoptic_rgb)

@@ -29,6 +29,7 @@ from detectron2.structures import Instances, polygons_to_bitmask
 from torch.nn import functional as F
 
 from ..datasets.checks import DatasetError
+from ..file_cache import MIB, NO_CACHE, DecodedFileCache
 from ...config import fixed_image_size
 
 logger = logging.getLogger(__name__)
@@ -118,10 +119,12 @@ def ignore_label_from_config(cfg: CfgNode) -> int:
 # ---------------------------------------------------------------------------------------------
 # Reading and checking
 # ---------------------------------------------------------------------------------------------
-def read_image(record: dict, image_format: str) -> np.ndarray:
+def read_image(record: dict, image_format: str, cache: DecodedFileCache = NO_CACHE) -> np.ndarray:
     """[H, W, C] image of ``record["file_name"]`` in ``image_format`` (detectron2's reader, which
-    converts grey, RGBA and palette images), checked against the record's width / height."""
-    image = utils.read_image(record["file_name"], format=image_format)
+    converts grey, RGBA and palette images), checked against the record's width / height.
+    From ``cache`` (read-only) when it holds the file."""
+    path = record["file_name"]
+    image = cache.get(("image", path, image_format), lambda: utils.read_image(path, format=image_format))
     utils.check_image_size(record, image)
     return image
 
@@ -155,23 +158,37 @@ def check_class_ids(
 
 
 def read_sem_seg(
-    record: dict, image: np.ndarray, num_classes: Optional[int], ignore_label: int
+    record: dict,
+    image: np.ndarray,
+    num_classes: Optional[int],
+    ignore_label: int,
+    cache: DecodedFileCache = NO_CACHE,
 ) -> np.ndarray:
-    """[H, W] float64 semantic labels of ``record["sem_seg_file_name"]``, checked.
+    """[H, W] float64 semantic labels of ``record["sem_seg_file_name"]``, checked; ``cache``
+    keeps the decoded file (its class ids checked when first read).
 
     float64 because detectron2 resizes non-uint8 maps with ``torch`` interpolation, which has no
     integer kernels; it holds 8- and 16-bit labels exactly and picks the same pixels as the
     official mappers do."""
     path = record["sem_seg_file_name"]
+    sem_seg = cache.get(
+        ("sem_seg", path, num_classes, ignore_label),
+        lambda: _read_checked_sem_seg(path, num_classes, ignore_label),
+    )
+    check_label_size(sem_seg, path, image, record["file_name"])
+    return sem_seg.astype(np.float64)
+
+
+def _read_checked_sem_seg(path: str, num_classes: Optional[int], ignore_label: int) -> np.ndarray:
+    """[H, W] labels of ``path`` as decoded (8 or 16 bit), with their class ids checked."""
     sem_seg = utils.read_image(path)
     if sem_seg.ndim != 2:
         raise DatasetError(
             f"{path} has {sem_seg.shape[2]} channels; semantic label PNGs hold one class id per "
             f"pixel (a single-channel 'L', 'P' or 16-bit image), not colours."
         )
-    check_label_size(sem_seg, path, image, record["file_name"])
     check_class_ids(np.unique(sem_seg), num_classes, ignore_label, path)
-    return sem_seg.astype(np.float64)
+    return sem_seg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,8 +210,12 @@ def pad_to_multiple(tensor: torch.Tensor, size_divisibility: int, value: Union[i
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """[H, W, C] array -> [C, H, W] tensor, same dtype. A tensor (not an array) travels through
-    the data loader's worker queues in shared memory instead of being pickled."""
-    return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    the data loader's worker queues in shared memory instead of being pickled. The tensor owns
+    its memory when ``image`` is read-only (a cached file)."""
+    channels_first = np.ascontiguousarray(image.transpose(2, 0, 1))
+    if not channels_first.flags.writeable:
+        channels_first = channels_first.copy()
+    return torch.as_tensor(channels_first)
 
 
 def stack_masks(masks: list[np.ndarray], height: int, width: int) -> torch.Tensor:
@@ -245,6 +266,7 @@ class MaskFormerMapperBase(abc.ABC):
         size_divisibility: int = -1,
         ignore_label: int = 255,
         num_classes: Optional[int] = None,
+        decoded_file_cache_mb: float = 0.0,
     ):
         """
         Args:
@@ -255,6 +277,8 @@ class MaskFormerMapperBase(abc.ABC):
             size_divisibility: pad image and labels to multiples of this (<= 0: no padding).
             ignore_label: semantic label of unlabelled pixels (also the padding of ``sem_seg``).
             num_classes: labels must lie in ``[0, num_classes)``; None: no check.
+            decoded_file_cache_mb: keep up to this many MiB of decoded images and label maps in
+                memory, per process (:class:`DecodedFileCache`); 0: read every time.
         """
         if not is_train:
             raise ValueError(
@@ -267,6 +291,7 @@ class MaskFormerMapperBase(abc.ABC):
         self.size_divisibility = size_divisibility
         self.ignore_label = ignore_label
         self.num_classes = num_classes
+        self.file_cache = DecodedFileCache(int(decoded_file_cache_mb * MIB))
         # RandomCrop_CategoryAreaConstraint measures class areas on the semantic map.
         self._crop_needs_sem_seg = any(
             isinstance(a, T.RandomCrop_CategoryAreaConstraint) and a.single_category_max_area < 1.0
@@ -283,6 +308,7 @@ class MaskFormerMapperBase(abc.ABC):
             "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
             "ignore_label": ignore_label_from_config(cfg),
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            "decoded_file_cache_mb": cfg.DATALOADER.DECODED_FILE_CACHE_MB,
         }
 
     @abc.abstractmethod
@@ -314,7 +340,7 @@ class MaskFormerMapperBase(abc.ABC):
             the record plus ``"image"``, ``"instances"`` and (when available) ``"sem_seg"``.
         """
         record = copy.deepcopy(dataset_dict)
-        image = read_image(record, self.image_format)
+        image = read_image(record, self.image_format, self.file_cache)
         sem_seg, labels = self.read_labels(record, image)
         if sem_seg is None and self._crop_needs_sem_seg:
             raise DatasetError(

@@ -35,6 +35,7 @@ from detectron2.utils.logger import log_every_n_seconds
 
 from ...config import ConfigError, fixed_image_size
 from ..datasets.checks import DatasetError
+from ..file_cache import MIB, DecodedFileCache
 from ..panoptic import VOID_ID, panoptic_ids, read_panoptic_png
 from .build import MAPPER_REGISTRY
 from .common import check_class_ids, check_label_size, flip_augmentations, image_to_tensor, read_image
@@ -137,6 +138,7 @@ class KMaXPanopticDatasetMapper:
         num_classes: Optional[int] = None,
         labeled_pixels_threshold: int = OFFICIAL_LABELED_PIXELS_THRESHOLD,
         max_draws: int = 10,
+        decoded_file_cache_mb: float = 0.0,
     ):
         """
         Args:
@@ -157,6 +159,9 @@ class KMaXPanopticDatasetMapper:
             num_classes: categories must lie in ``[0, num_classes)``; None: no check.
             labeled_pixels_threshold: a draw needs more than this many labelled stride-4 pixels.
             max_draws: draws per call before giving up (>= 1).
+            decoded_file_cache_mb: keep up to this many MiB of decoded images and panoptic PNGs
+                in memory, per process (:class:`DecodedFileCache`): every sample reads two
+                records; 0: read every time.
         """
         self._check_training(is_train)
         if copy_paste and not partner_records:
@@ -175,6 +180,7 @@ class KMaXPanopticDatasetMapper:
         self.num_classes = num_classes
         self.labeled_pixels_threshold = labeled_pixels_threshold
         self.max_draws = max_draws
+        self.file_cache = DecodedFileCache(int(decoded_file_cache_mb * MIB))
         logger.info(
             f"[{type(self).__name__}] Augmentations used in training: {augmentations}; copy-paste: "
             + (f"partners {partner_augmentations}" if copy_paste else "off")
@@ -235,6 +241,7 @@ class KMaXPanopticDatasetMapper:
             "ignore_label": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
             "labeled_pixels_threshold": min(OFFICIAL_LABELED_PIXELS_THRESHOLD, grid_pixels // 4),
+            "decoded_file_cache_mb": cfg.DATALOADER.DECODED_FILE_CACHE_MB,
         }
 
     # -----------------------------------------------------------------------------------------
@@ -269,8 +276,8 @@ class KMaXPanopticDatasetMapper:
                 f"segments_info of {path} lists a segment with id {VOID_ID}, the COCO-panoptic id "
                 f"of void pixels: re-create the panoptic PNG and JSON."
             )
-        image = read_image(record, self.image_format)
-        panoptic_rgb = read_panoptic_png(path, segments_info)
+        image = read_image(record, self.image_format, self.file_cache)
+        panoptic_rgb = read_panoptic_png(path, segments_info, self.file_cache)
         check_label_size(panoptic_rgb, path, image, record["file_name"])
 
         aug_input = T.AugInput(image)

@@ -37,12 +37,12 @@ class MaskFormerPanopticDatasetMapper(MaskFormerMapperBase):
         check_class_ids(
             [s["category_id"] for s in segments_info], self.num_classes, None, f"segments_info of {path}"
         )
-        panoptic_rgb = read_panoptic_png(path, segments_info)
+        panoptic_rgb = read_panoptic_png(path, segments_info, self.file_cache)
         check_label_size(panoptic_rgb, path, image, record["file_name"])
 
         sem_seg = None
         if "sem_seg_file_name" in record:
-            sem_seg = read_sem_seg(record, image, self.num_classes, self.ignore_label)
+            sem_seg = read_sem_seg(record, image, self.num_classes, self.ignore_label, self.file_cache)
             del record["sem_seg_file_name"]
         return sem_seg, (panoptic_rgb, segments_info)
 

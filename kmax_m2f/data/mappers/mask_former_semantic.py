@@ -28,7 +28,7 @@ class MaskFormerSemanticDatasetMapper(MaskFormerMapperBase):
                 f"*_sem_seg_train) or INPUT.DATASET_MAPPER_NAME matching its annotations "
                 f"(mask_former_panoptic, mask_former_instance)."
             )
-        sem_seg = read_sem_seg(record, image, self.num_classes, self.ignore_label)
+        sem_seg = read_sem_seg(record, image, self.num_classes, self.ignore_label, self.file_cache)
         del record["sem_seg_file_name"]
         # Semantic training has no use for instance annotations a record may also carry.
         record.pop("annotations", None)
