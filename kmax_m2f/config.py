@@ -43,6 +43,8 @@ def add_kmax_m2f_config(cfg: CN) -> None:
     _add_swin_config(cfg)
     _add_kmax_deeplab_config(cfg)
     _add_convnext_config(cfg)
+    _add_vit_config(cfg)
+    _add_struct_token_config(cfg)
 
     # Optimisation (Mask2Former's recipe): AdamW, backbone lr x0.1, no decay on embeddings.
     cfg.SOLVER.OPTIMIZER = "ADAMW"
@@ -233,6 +235,48 @@ def _add_kmax_deeplab_config(cfg: CN) -> None:
     # TensorFlow's eps and moving-average decay 0.99, i.e. PyTorch momentum 0.01.
     cfg.MODEL.RESNETS.NORM_EPS = 1e-3
     cfg.MODEL.RESNETS.NORM_MOMENTUM = 0.01
+
+
+def _add_vit_config(cfg: CN) -> None:
+    """MODEL.VIT: the plain ViT backbone (D2VisionTransformer) with mmseg's VisionTransformer
+    defaults as StructToken's configs set them: ViT-B/16 for 512x512 crops, class token, no final
+    norm, stochastic depth 0.1."""
+    vit = cfg.MODEL.VIT = CN()
+    # (H, W) the position embedding is built for; other sizes resample it (INTERPOLATE_MODE).
+    vit.IMG_SIZE = [512, 512]
+    vit.PATCH_SIZE = 16
+    vit.EMBED_DIM = 768
+    vit.DEPTH = 12
+    vit.NUM_HEADS = 12
+    vit.MLP_RATIO = 4.0
+    vit.QKV_BIAS = True
+    vit.DROP_RATE = 0.0
+    vit.ATTN_DROP_RATE = 0.0
+    vit.DROP_PATH_RATE = 0.1
+    vit.WITH_CLS_TOKEN = True
+    vit.FINAL_NORM = False
+    vit.NORM_EPS = 1e-6
+    vit.INTERPOLATE_MODE = "bicubic"
+
+
+def _add_struct_token_config(cfg: CN) -> None:
+    """MODEL.STRUCT_TOKEN: StructToken's head (StructTokenHead, a SEM_SEG_HEAD of detectron2's
+    SemanticSegmentor), with the official ADE20K configs' values. The number of classes, the
+    ignore value and the loss weight are MODEL.SEM_SEG_HEAD's."""
+    st = cfg.MODEL.STRUCT_TOKEN = CN()
+    # Interaction block: "CSE" (cross-slice), "SSE" (self-slice) or "PWE" (point-wise).
+    st.BLOCK = "CSE"
+    st.NUM_LAYERS = 4
+    st.MLP_RATIO = 4
+    st.DROP_RATE = 0.0
+    st.ATTN_DROP_RATE = 0.0
+    st.DROP_PATH_RATE = 0.1
+    # Width the features are projected to; None: the backbone's (the official configs).
+    st.CHANNELS = None
+    st.IN_FEATURE = "last_feat"
+    # The training crop (H, W): the structure tokens are this over the feature stride.
+    st.IMAGE_SIZE = [512, 512]
+    st.INTERPOLATE_MODE = "bicubic"
 
 
 def _add_convnext_config(cfg: CN) -> None:

@@ -1,0 +1,227 @@
+"""StructToken: the ViT backbone, the head's blocks against explicit formulas, the official
+parameter names, the loss, and the model end to end through the public tools."""
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.data import DatasetCatalog
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from PIL import Image
+
+import kmax_m2f
+from kmax_m2f.data import build_mapper
+from kmax_m2f.modeling.backbone.vit import VisionTransformer, resize_pos_embed
+from kmax_m2f.modeling.heads.struct_token_head import ChannelAttention, StructTokenHead
+
+from .conftest import REPO, run_tool
+
+CONFIG = "tests/configs/tiny_struct_token.yaml"
+NUM_CLASSES = 8
+
+
+def tiny_vit(**overrides) -> VisionTransformer:
+    kwargs = dict(img_size=(64, 64), embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.0)
+    kwargs.update(overrides)
+    return VisionTransformer(**kwargs).eval()
+
+
+def tiny_head(block_type: str = "CSE", **overrides) -> StructTokenHead:
+    kwargs = dict(num_classes=5, in_feature="last_feat", block_type=block_type, num_layers=2, token_size=(4, 4),
+                  drop_path_rate=0.0)
+    kwargs.update(overrides)
+    return StructTokenHead({"last_feat": ShapeSpec(channels=32, stride=16)}, **kwargs).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# ViT backbone
+# ---------------------------------------------------------------------------------------------
+def test_vit_output_is_the_patch_grid_of_any_input_size():
+    vit = tiny_vit()
+    for height, width in [(64, 64), (70, 50), (96, 128)]:
+        out = vit(torch.randn(2, 3, height, width))
+        assert out.shape == (2, 32, -(-height // 16), -(-width // 16))
+
+
+def test_vit_state_dict_has_mmseg_names():
+    vit = VisionTransformer(depth=12)  # ViT-B/16 at 512, StructToken's configs
+    per_layer = [
+        "ln1.weight", "ln1.bias",
+        "attn.attn.in_proj_weight", "attn.attn.in_proj_bias", "attn.attn.out_proj.weight", "attn.attn.out_proj.bias",
+        "ln2.weight", "ln2.bias",
+        "ffn.layers.0.0.weight", "ffn.layers.0.0.bias", "ffn.layers.1.weight", "ffn.layers.1.bias",
+    ]
+    expected = {"cls_token", "pos_embed", "patch_embed.projection.weight", "patch_embed.projection.bias"}
+    expected |= {f"layers.{i}.{name}" for i in range(12) for name in per_layer}
+    state = vit.state_dict()
+    assert set(state) == expected
+    assert state["pos_embed"].shape == (1, 1 + 32 * 32, 768)
+    assert state["layers.0.attn.attn.in_proj_weight"].shape == (3 * 768, 768)
+    assert state["layers.0.ffn.layers.0.0.weight"].shape == (4 * 768, 768)
+    assert "ln1.weight" in VisionTransformer(depth=1, final_norm=True).state_dict()
+
+
+def test_pos_embed_resampling_keeps_the_class_token_and_constant_grids():
+    pos = torch.randn(1, 1 + 4 * 4, 8)
+    assert resize_pos_embed(pos, (4, 4), (4, 4), "bicubic") is pos
+    constant = torch.cat([pos[:, :1], torch.full((1, 16, 8), 0.5)], dim=1)
+    resized = resize_pos_embed(constant, (3, 6), (4, 4), "bicubic")
+    assert resized.shape == (1, 1 + 18, 8)
+    assert torch.equal(resized[:, 0], pos[:, 0])
+    torch.testing.assert_close(resized[:, 1:], torch.full((1, 18, 8), 0.5))
+
+
+def test_class_token_takes_part_in_attention():
+    vit = tiny_vit()
+    image = torch.randn(1, 3, 64, 64)
+    before = vit(image)
+    with torch.no_grad():
+        vit.cls_token.add_(torch.randn_like(vit.cls_token))
+    assert not torch.allclose(before, vit(image)), "the class token changes the patch features"
+
+
+# ---------------------------------------------------------------------------------------------
+# Head
+# ---------------------------------------------------------------------------------------------
+def test_channel_attention_is_attention_between_channel_maps():
+    torch.manual_seed(0)
+    layer = ChannelAttention(query_channels=5, kv_channels=7, attn_drop=0.0, proj_drop=0.0, drop_path=0.0).eval()
+    query, key_value = torch.randn(2, 5, 3, 4), torch.randn(2, 7, 3, 4)
+    q = layer.query_map(query).reshape(2, 5, 12)
+    k = layer.key_map(key_value).reshape(2, 7, 12)
+    v = layer.value_map(key_value).reshape(2, 7, 12)
+    expected = torch.zeros(2, 5, 12)
+    for b in range(2):
+        for i in range(5):
+            weights = torch.softmax(torch.stack([q[b, i] @ k[b, j] / 12**0.5 for j in range(7)]), dim=0)
+            expected[b, i] = sum(weights[j] * v[b, j] for j in range(7))
+    expected = query + layer.out_project(expected.reshape(2, 5, 3, 4))
+    torch.testing.assert_close(layer(query, key_value), expected)
+
+
+def _block_keys(prefix: str, kind: str) -> set[str]:
+    projection = [f"{conv}.{p}" for conv in ("conv1", "norm1", "conv2", "norm2", "conv3", "norm3")
+                  for p in ("weight", "bias")]
+    ffn = [f"{conv}.{p}" for conv in ("pwconv1", "norm1", "dwconv", "norm2", "pwconv2", "norm3")
+           for p in ("weight", "bias")]
+    if kind == "projection":
+        return {f"{prefix}.{name}" for name in projection}
+    return {f"{prefix}.{name}" for name in ffn}
+
+
+@pytest.mark.parametrize("block_type", ["CSE", "SSE", "PWE"])
+def test_head_state_dict_has_the_official_names(block_type):
+    """The official ``decode_head.*`` keys (RockeyCoss/StructToken, derived from its modules)."""
+    head = tiny_head(block_type)
+    expected = {"kernels", "dec_proj.weight", "dec_proj.bias"}
+    expected |= {f"residual_block.{m}.{p}" for m in ("norm1", "conv1", "norm2", "conv2") for p in ("weight", "bias")}
+    for i in range(2):
+        if block_type == "PWE":
+            expected |= _block_keys(f"layers.{i}.attn.query_map", "projection")
+            expected |= _block_keys(f"layers.{i}.attn.out_project", "projection")
+            expected |= {f"layers.{i}.attn.attn_pw_conv.weight", f"layers.{i}.attn.attn_pw_conv.bias"}
+        else:
+            for name in ("query_map", "key_map", "value_map", "out_project"):
+                expected |= _block_keys(f"layers.{i}.cross_attn.{name}", "projection")
+        expected |= _block_keys(f"layers.{i}.ffn1", "ffn")
+        if block_type == "CSE" and i == 0:  # not in the last block
+            expected |= _block_keys(f"layers.{i}.ffn2", "ffn")
+    state = head.state_dict()
+    assert set(state) == expected
+    assert state["kernels"].shape == (1, 5, 4, 4)
+    joint = 5 + 32 if block_type != "CSE" else 5
+    assert state["layers.0.ffn1.dwconv.weight"].shape == (4 * joint, 4, 3, 3), "groups = the FFN's input width"
+
+
+def test_official_vit_b_head_sizes():
+    """ViT-B/16, 150 classes, 4 blocks: the official heads' parameter counts."""
+    sizes = {}
+    for block_type in ("CSE", "SSE", "PWE"):
+        head = StructTokenHead({"last_feat": ShapeSpec(channels=768, stride=16)}, num_classes=150,
+                               in_feature="last_feat", block_type=block_type)
+        sizes[block_type] = round(sum(p.numel() for p in head.parameters()) / 1e6, 2)
+    assert sizes == {"CSE": 26.45, "SSE": 55.98, "PWE": 45.74}
+
+
+@pytest.mark.parametrize("block_type", ["CSE", "SSE", "PWE"])
+def test_head_resizes_its_tokens_to_the_feature_map(block_type):
+    head = tiny_head(block_type)
+    for size in [(4, 4), (5, 3)]:
+        logits = head.layers_forward({"last_feat": torch.randn(2, 32, *size)})
+        assert logits.shape == (2, 5, *size)
+    upsampled, losses = head({"last_feat": torch.randn(2, 32, 5, 3)})
+    assert upsampled.shape == (2, 5, 80, 48) and losses == {}
+
+
+def test_loss_is_cross_entropy_of_the_upsampled_logits_and_survives_unlabelled_batches():
+    head = tiny_head().train()
+    features = {"last_feat": torch.randn(2, 32, 4, 4)}
+    targets = torch.randint(0, 5, (2, 64, 64))
+    targets[:, :8] = 255
+    torch.manual_seed(1)
+    loss = head(features, targets)[1]["loss_sem_seg"]
+    torch.manual_seed(1)
+    logits = F.interpolate(head.layers_forward(features), size=(64, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, targets, ignore_index=255))
+
+    unlabelled = head(features, torch.full((2, 64, 64), 255))[1]["loss_sem_seg"]
+    assert unlabelled.item() == 0.0
+    unlabelled.backward()
+    assert head.kernels.grad is not None and torch.isfinite(head.kernels.grad).all()
+
+
+def test_unknown_block_type_and_feature_are_named():
+    with pytest.raises(ValueError, match="MODEL.STRUCT_TOKEN.BLOCK"):
+        tiny_head("XYZ")
+    with pytest.raises(ValueError, match="MODEL.STRUCT_TOKEN.IN_FEATURE"):
+        tiny_head(in_feature="res5")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+def test_loss_falls_on_a_fixed_batch(synthetic_prefix):
+    cfg = kmax_m2f.build_config(str(REPO / CONFIG))
+    cfg.defrost()
+    cfg.DATASETS.TRAIN = (f"{synthetic_prefix}_sem_seg_train",)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    mapper = build_mapper(cfg, is_train=True)
+    batch = [mapper(record) for record in DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:4]]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    with EventStorage():
+        for _ in range(60):
+            loss = model(batch)["loss_sem_seg"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0] / 3, losses[::10]
+
+
+def _train_net(datasets_dir, output_dir, opts=(), flags=()):
+    args = ["tools/train_net.py", "--config-file", CONFIG, *flags, "OUTPUT_DIR", str(output_dir), *opts]
+    result = run_tool(args, datasets_dir, REPO)
+    return result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("block_type", ["CSE", "PWE"])
+def test_train_eval_resume_and_demo(datasets_dir, tmp_path, block_type):
+    opts = ["MODEL.STRUCT_TOKEN.BLOCK", block_type]
+    log = _train_net(datasets_dir, tmp_path / "train", opts)
+    assert (tmp_path / "train" / "model_final.pth").is_file()
+    assert "copypaste: Task: sem_seg" in log
+
+    weights = str(tmp_path / "train" / "model_final.pth")
+    log = _train_net(datasets_dir, tmp_path / "eval", opts + ["MODEL.WEIGHTS", weights], flags=["--eval-only"])
+    assert "Starting training" not in log and "copypaste: Task: sem_seg" in log  # SemSegEvaluator
+
+    (tmp_path / "train" / "last_checkpoint").write_text("model_0000002.pth")
+    log = _train_net(datasets_dir, tmp_path / "train", opts, flags=["--resume"])
+    assert "Starting training from iteration 3" in log
+
+    image = datasets_dir / "synthetic" / "val" / "000001.jpg"
+    run_tool(["tools/demo.py", "--config-file", CONFIG, "--input", str(image), "--output", str(tmp_path / "demo"),
+              "--opts", "MODEL.WEIGHTS", weights, *opts], datasets_dir, REPO)
+    assert Image.open(tmp_path / "demo" / "000001.png").size == Image.open(image).size
