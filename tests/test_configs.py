@@ -14,7 +14,8 @@ CONFIGS = REPO / "configs"
 # configs/synthetic/ holds the small quick-start config, tested with the training tools.
 ALL_YAMLS = sorted(p for p in CONFIGS.rglob("*.yaml") if "synthetic" not in p.relative_to(CONFIGS).parts)
 KMAX_YAMLS = [p for p in ALL_YAMLS if p.name.startswith("kmax_")]
-YAMLS = [p for p in ALL_YAMLS if not p.name.startswith("kmax_")]
+STRUCT_TOKEN_YAMLS = [p for p in ALL_YAMLS if "structtoken" in p.relative_to(CONFIGS).parts]
+YAMLS = [p for p in ALL_YAMLS if p not in KMAX_YAMLS and p not in STRUCT_TOKEN_YAMLS]
 IDS = [str(p.relative_to(CONFIGS)) for p in YAMLS]
 
 MASK2FORMER_TREE = {
@@ -36,7 +37,7 @@ def cfg_of(rel: str):
 def test_tree_is_complete():
     assert YAMLS, "no config found under configs/"
     for task_dir, n in MASK2FORMER_TREE.items():
-        found = sorted(p for p in (CONFIGS / task_dir).rglob("*.yaml") if not p.name.startswith("kmax_"))
+        found = sorted(p for p in (CONFIGS / task_dir).rglob("*.yaml") if p in YAMLS)
         assert len(found) == n, (task_dir, [str(p.relative_to(CONFIGS)) for p in found])
         assert len(list((CONFIGS / task_dir).glob("Base-*.yaml"))) == 1, task_dir
 
@@ -295,3 +296,53 @@ def test_kmax_published_recipes(dataset, batch, iters, lr, size, jitter, queries
     large = cfg_of(f"{dataset}/panoptic-segmentation/kmax_convnext_large.yaml")
     assert list(large.MODEL.CONVNEXT.DIMS) == [192, 384, 768, 1536] and large.MODEL.CONVNEXT.DROP_PATH_RATE == 0.6
     assert large.SOLVER.MAX_ITER == iters
+
+
+# ---------------------------------------------------------------------------------------------
+# StructToken (RockeyCoss/StructToken's ADE20K configs)
+# ---------------------------------------------------------------------------------------------
+# file stem -> (embed dim, depth, heads, crop, backbone lr, head lr multiplier, pixel mean 127.5)
+STRUCT_TOKEN_RECIPES = {
+    "structtoken_vit_tiny_cse": (192, 12, 3, 512, 2e-5, 9, False),
+    "structtoken_vit_tiny_sse": (192, 12, 3, 512, 2e-5, 9, False),
+    "structtoken_vit_tiny_pwe": (192, 12, 3, 512, 2e-5, 9, False),
+    "structtoken_vit_small_cse": (384, 12, 6, 512, 2e-5, 8, False),
+    "structtoken_vit_small_sse": (384, 12, 6, 512, 2e-5, 8, False),
+    "structtoken_vit_small_pwe": (384, 12, 6, 512, 2e-5, 8, False),
+    "structtoken_vit_base_cse": (768, 12, 12, 512, 2e-5, 8, False),
+    "structtoken_vit_base_sse": (768, 12, 12, 512, 2e-5, 8, True),
+    "structtoken_vit_base_pwe": (768, 12, 12, 512, 1e-5, 9, True),
+    "structtoken_vit_large_sse": (1024, 24, 16, 640, 2e-5, 6, True),
+    "structtoken_vit_large_pwe": (1024, 24, 16, 640, 2e-5, 8, True),
+}
+
+
+def test_struct_token_tree_is_complete():
+    stems = {p.stem for p in STRUCT_TOKEN_YAMLS if not p.name.startswith("Base-")}
+    assert stems == set(STRUCT_TOKEN_RECIPES)
+
+
+@pytest.mark.parametrize("stem", sorted(STRUCT_TOKEN_RECIPES))
+def test_struct_token_ade20k_recipes(stem):
+    dim, depth, heads, crop, backbone_lr, head_multiplier, mean_127 = STRUCT_TOKEN_RECIPES[stem]
+    with open(CONFIGS / "ade20k/semantic-segmentation/structtoken" / f"{stem}.yaml") as f:
+        yaml.safe_load(f)
+    cfg = cfg_of(f"ade20k/semantic-segmentation/structtoken/{stem}.yaml")
+    assert cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor"
+    assert cfg.MODEL.BACKBONE.NAME == "D2VisionTransformer"
+    assert cfg.MODEL.SEM_SEG_HEAD.NAME == "StructTokenHead"
+    assert cfg.MODEL.STRUCT_TOKEN.BLOCK == stem.rsplit("_", 1)[1].upper()
+    assert (cfg.MODEL.VIT.EMBED_DIM, cfg.MODEL.VIT.DEPTH, cfg.MODEL.VIT.NUM_HEADS) == (dim, depth, heads)
+    assert list(cfg.MODEL.VIT.IMG_SIZE) == [crop, crop] == list(cfg.MODEL.STRUCT_TOKEN.IMAGE_SIZE)
+    assert tuple(cfg.INPUT.CROP.SIZE) == (crop, crop) and cfg.INPUT.SIZE_DIVISIBILITY == crop
+    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 150 and cfg.MODEL.STRUCT_TOKEN.NUM_LAYERS == 4
+    # lr: the head's is BASE_LR, the backbone's BASE_LR x BACKBONE_MULTIPLIER.
+    assert cfg.SOLVER.BASE_LR == pytest.approx(backbone_lr * head_multiplier)
+    assert cfg.SOLVER.BASE_LR * cfg.SOLVER.BACKBONE_MULTIPLIER == pytest.approx(backbone_lr, rel=1e-5)
+    assert (cfg.SOLVER.OPTIMIZER, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.MAX_ITER, cfg.SOLVER.IMS_PER_BATCH) == (
+        "ADAMW", 0.01, 160000, 16)
+    assert (cfg.SOLVER.POLY_LR_POWER, cfg.SOLVER.WARMUP_ITERS) == (1.0, 1500)
+    assert set(cfg.SOLVER.WEIGHT_DECAY_EXCLUDE) == {"pos_embed", "cls_token"}
+    assert list(cfg.MODEL.PIXEL_MEAN) == ([127.5] * 3 if mean_127 else [123.675, 116.280, 103.530])
+    assert cfg.INPUT.DATASET_MAPPER_NAME == "mask_former_semantic"
+    assert cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA == 0.75

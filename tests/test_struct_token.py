@@ -225,3 +225,61 @@ def test_train_eval_resume_and_demo(datasets_dir, tmp_path, block_type):
     run_tool(["tools/demo.py", "--config-file", CONFIG, "--input", str(image), "--output", str(tmp_path / "demo"),
               "--opts", "MODEL.WEIGHTS", weights, *opts], datasets_dir, REPO)
     assert Image.open(tmp_path / "demo" / "000001.png").size == Image.open(image).size
+
+
+# ---------------------------------------------------------------------------------------------
+# Official checkpoints (mmseg files)
+# ---------------------------------------------------------------------------------------------
+def _tiny_model():
+    cfg = kmax_m2f.build_config(str(REPO / CONFIG))
+    torch.manual_seed(0)
+    return cfg, build_model(cfg).eval()
+
+
+def test_official_checkpoint_converts_and_loads_to_the_same_model(datasets_dir, tmp_path):
+    _, model = _tiny_model()
+    official = {
+        k.replace("sem_seg_head.", "decode_head.", 1): v for k, v in model.state_dict().items()
+    }
+    official["backbone.ln1.weight"] = torch.ones(32)  # mmseg's final norm, off in StructToken's configs
+    torch.save({"state_dict": official, "meta": {"mmseg_version": "0.20.2"}}, tmp_path / "official.pth")
+    run_tool(["tools/convert_structtoken.py", "--config-file", CONFIG, "--input", str(tmp_path / "official.pth"),
+              "--output", str(tmp_path / "converted.pth")], datasets_dir, REPO)
+
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    _, fresh = _tiny_model()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    DetectionCheckpointer(fresh).load(str(tmp_path / "converted.pth"))
+    loaded, original = fresh.state_dict(), model.state_dict()
+    assert all(torch.equal(loaded[k], original[k]) for k in original), "every tensor loaded"
+    image = {"image": torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8), "height": 64, "width": 64}
+    with torch.no_grad():
+        torch.testing.assert_close(fresh([image])[0]["sem_seg"], model([image])[0]["sem_seg"])
+
+
+def test_bare_vit_checkpoint_gets_its_position_embedding_resampled():
+    from kmax_m2f.modeling.mmseg_checkpoint import convert_mmseg_state_dict
+
+    _, model = _tiny_model()
+    backbone = {k[len("backbone."):]: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    backbone["pos_embed"] = torch.randn(1, 1 + 6 * 6, 32)  # pre-trained on another size
+    backbone["head.weight"] = torch.randn(10, 32)  # an ImageNet classifier
+    converted = convert_mmseg_state_dict(backbone, pos_grid_size=(4, 4))
+    assert set(converted) == {k for k in model.state_dict() if k.startswith("backbone.")}
+    assert converted["backbone.pos_embed"].shape == (1, 17, 32)
+    assert torch.equal(converted["backbone.pos_embed"][:, 0], backbone["pos_embed"][:, 0])
+
+
+def test_checkpoint_of_another_model_is_refused_with_the_shapes(datasets_dir, tmp_path):
+    _, model = _tiny_model()
+    official = {k.replace("sem_seg_head.", "decode_head.", 1): v for k, v in model.state_dict().items()}
+    official["decode_head.kernels"] = torch.zeros(1, 150, 4, 4)  # ADE20K's 150 classes
+    torch.save({"state_dict": official}, tmp_path / "ade20k.pth")
+    result = run_tool(["tools/convert_structtoken.py", "--config-file", CONFIG, "--input", str(tmp_path / "ade20k.pth"),
+                       "--output", str(tmp_path / "out.pth")], datasets_dir, REPO, check=False)
+    assert result.returncode != 0
+    assert "sem_seg_head.kernels: (1, 150, 4, 4) in the file, (1, 8, 4, 4) in the model" in result.stderr
+    assert not (tmp_path / "out.pth").exists()

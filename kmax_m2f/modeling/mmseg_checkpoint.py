@@ -1,0 +1,71 @@
+"""mmsegmentation checkpoints -> this package's state dicts (StructToken's official releases and
+the mmseg-named ViTs they start from).
+
+mmseg saves ``{"state_dict": ..., "meta": ...}`` with the model's ``backbone.*`` and
+``decode_head.*`` keys; the ViT checkpoints converted by mmseg's ``vitjax2mmseg.py`` hold the bare
+backbone keys (``cls_token``, ``layers.0.ln1.weight``, ...). Here the backbone's names are already
+mmseg's (:mod:`kmax_m2f.modeling.backbone.vit`) and the head's are the official ones, under
+detectron2's ``sem_seg_head`` instead of ``decode_head``.
+"""
+
+import logging
+from collections.abc import Mapping
+
+import torch
+
+from .backbone.vit import resize_pos_embed
+
+__all__ = ["convert_mmseg_state_dict"]
+
+logger = logging.getLogger(__name__)
+
+_BACKBONE_KEYS = ("cls_token", "pos_embed", "patch_embed.", "layers.", "ln1.")
+
+
+def convert_mmseg_state_dict(
+    checkpoint: Mapping, pos_grid_size: tuple[int, int], interpolate_mode: str = "bicubic", final_norm: bool = False
+) -> dict[str, torch.Tensor]:
+    """A StructToken (or bare ViT) mmseg checkpoint as this package's model state dict.
+
+    Args:
+        checkpoint: the loaded file: ``{"state_dict": ...}`` or the state dict itself.
+        pos_grid_size: the model's patch grid (``MODEL.VIT.IMG_SIZE`` / ``PATCH_SIZE``): the
+            position embedding is resampled to it when the checkpoint's differs (a ViT
+            pre-trained at 384 px has 24 x 24 entries, a 512 px model 32 x 32), as mmseg does
+            when it loads one.
+        interpolate_mode: how (``MODEL.VIT.INTERPOLATE_MODE``).
+        final_norm: the model has the final LayerNorm (``MODEL.VIT.FINAL_NORM``); otherwise a
+            checkpoint's ``ln1`` is dropped, as mmseg's non-strict loading does.
+
+    Returns:
+        ``backbone.*`` and ``sem_seg_head.*`` tensors.
+    """
+    state_dict = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(state_dict, Mapping) or not state_dict:
+        raise ValueError("The checkpoint holds no state dict ('state_dict' or a mapping of tensors).")
+    bare_backbone = not any(key.startswith(("backbone.", "decode_head.")) for key in state_dict)
+    converted = {}
+    for key, tensor in state_dict.items():
+        if bare_backbone:
+            if not key.startswith(_BACKBONE_KEYS):
+                logger.info("Not a ViT backbone key, skipped: %s", key)
+                continue
+            key = f"backbone.{key}"
+        elif key.startswith("decode_head."):
+            key = "sem_seg_head." + key[len("decode_head."):]
+        elif not key.startswith("backbone."):
+            logger.info("Neither backbone nor decode_head, skipped: %s", key)
+            continue
+        if key.startswith("backbone.ln1.") and not final_norm:
+            continue
+        converted[key] = tensor
+    if "backbone.pos_embed" in converted:
+        pos_embed = converted["backbone.pos_embed"]
+        patches = pos_embed.shape[1] - 1
+        side = int(round(patches**0.5))
+        if side * side != patches:
+            raise ValueError(f"backbone.pos_embed has {patches} patch entries, not a square grid.")
+        converted["backbone.pos_embed"] = resize_pos_embed(
+            pos_embed.float(), tuple(pos_grid_size), (side, side), interpolate_mode
+        ).to(pos_embed.dtype)
+    return converted
