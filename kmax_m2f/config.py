@@ -278,6 +278,13 @@ def _add_struct_token_config(cfg: CN) -> None:
     st.IMAGE_SIZE = [512, 512]
     st.INTERPOLATE_MODE = "bicubic"
 
+    # Sliding-window inference of SlidingWindowSemanticSegmentor (mmseg's "slide" test mode):
+    # CROP_SIZE windows STRIDE apart, logits averaged where they overlap.
+    cfg.TEST.SLIDING_WINDOW = CN()
+    cfg.TEST.SLIDING_WINDOW.ENABLED = False
+    cfg.TEST.SLIDING_WINDOW.CROP_SIZE = [512, 512]
+    cfg.TEST.SLIDING_WINDOW.STRIDE = [341, 341]
+
 
 def _add_convnext_config(cfg: CN) -> None:
     """MODEL.CONVNEXT: ConvNeXt backbone (D2ConvNeXt), the official port's keys and defaults:

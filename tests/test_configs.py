@@ -328,7 +328,10 @@ def test_struct_token_ade20k_recipes(stem):
     with open(CONFIGS / "ade20k/semantic-segmentation/structtoken" / f"{stem}.yaml") as f:
         yaml.safe_load(f)
     cfg = cfg_of(f"ade20k/semantic-segmentation/structtoken/{stem}.yaml")
-    assert cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor"
+    assert cfg.MODEL.META_ARCHITECTURE == "SlidingWindowSemanticSegmentor"
+    assert cfg.TEST.SLIDING_WINDOW.ENABLED
+    assert list(cfg.TEST.SLIDING_WINDOW.CROP_SIZE) == [crop, crop]
+    assert list(cfg.TEST.SLIDING_WINDOW.STRIDE) == [{512: 341, 640: 426}[crop]] * 2
     assert cfg.MODEL.BACKBONE.NAME == "D2VisionTransformer"
     assert cfg.MODEL.SEM_SEG_HEAD.NAME == "StructTokenHead"
     assert cfg.MODEL.STRUCT_TOKEN.BLOCK == stem.rsplit("_", 1)[1].upper()

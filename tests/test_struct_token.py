@@ -13,6 +13,7 @@ import kmax_m2f
 from kmax_m2f.data import build_mapper
 from kmax_m2f.modeling.backbone.vit import VisionTransformer, resize_pos_embed
 from kmax_m2f.modeling.heads.struct_token_head import ChannelAttention, StructTokenHead
+from kmax_m2f.modeling.meta_arch.semantic import SlidingWindowSemanticSegmentor, sliding_windows
 
 from .conftest import REPO, run_tool
 
@@ -200,6 +201,67 @@ def test_loss_falls_on_a_fixed_batch(synthetic_prefix):
     assert losses[-1] < losses[0] / 3, losses[::10]
 
 
+# ---------------------------------------------------------------------------------------------
+# Sliding-window inference
+# ---------------------------------------------------------------------------------------------
+def test_sliding_windows_are_mmsegs_grid():
+    assert sliding_windows(64, 100, (64, 64), (32, 32)) == [(0, 64, 0, 64), (0, 64, 32, 96), (0, 64, 36, 100)]
+    assert sliding_windows(40, 50, (64, 64), (32, 32)) == [(0, 40, 0, 50)]
+    for height, width in [(97, 31), (512, 683), (300, 300)]:
+        covered = torch.zeros(height, width, dtype=torch.int64)
+        for y1, y2, x1, x2 in sliding_windows(height, width, (64, 48), (40, 48)):
+            assert y2 - y1 == min(64, height) and x2 - x1 == min(48, width)
+            covered[y1:y2, x1:x2] += 1
+        assert covered.min() >= 1
+
+
+def _sliding_model(crop: int, stride: int) -> SlidingWindowSemanticSegmentor:
+    cfg = kmax_m2f.build_config(str(REPO / CONFIG), ["TEST.SLIDING_WINDOW.ENABLED", "True",
+                                                      "TEST.SLIDING_WINDOW.CROP_SIZE", f"[{crop}, {crop}]",
+                                                      "TEST.SLIDING_WINDOW.STRIDE", f"[{stride}, {stride}]"])
+    torch.manual_seed(0)
+    return build_model(cfg).eval()
+
+
+def test_sliding_window_averages_the_crops_own_predictions():
+    model = _sliding_model(crop=32, stride=16)
+    image = torch.randint(0, 255, (3, 48, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        slid = model([{"image": image, "height": 48, "width": 64}])[0]["sem_seg"]
+        model.test_crop_size = None  # whole-image inference on each crop as its own image
+        expected = torch.zeros(NUM_CLASSES, 48, 64)
+        counts = torch.zeros(1, 48, 64)
+        for y1, y2, x1, x2 in sliding_windows(48, 64, (32, 32), (16, 16)):
+            crop = image[:, y1:y2, x1:x2]
+            expected[:, y1:y2, x1:x2] += model([{"image": crop, "height": y2 - y1, "width": x2 - x1}])[0]["sem_seg"]
+            counts[:, y1:y2, x1:x2] += 1
+    assert len(sliding_windows(48, 64, (32, 32), (16, 16))) == 6
+    # Crops run as one batch there and one by one here: float32 rounding only.
+    torch.testing.assert_close(slid, expected / counts, atol=1e-4, rtol=1e-4)
+
+
+def test_one_window_covering_the_image_is_whole_image_inference():
+    model = _sliding_model(crop=64, stride=32)
+    image = {"image": torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8), "height": 128, "width": 128}
+    with torch.no_grad():
+        slid = model([image])[0]["sem_seg"]
+        model.test_crop_size = None
+        torch.testing.assert_close(slid, model([image])[0]["sem_seg"])
+    assert slid.shape == (NUM_CLASSES, 128, 128)
+
+
+def test_num_classes_disagreeing_with_the_dataset_is_named(synthetic_prefix):
+    cfg = kmax_m2f.build_config(str(REPO / CONFIG), ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "150",
+                                                      "DATASETS.TRAIN", f"('{synthetic_prefix}_sem_seg_train',)"])
+    with pytest.raises(ValueError, match="Set MODEL.SEM_SEG_HEAD.NUM_CLASSES 8"):
+        build_model(cfg)
+
+
+def test_stride_beyond_the_crop_is_refused():
+    with pytest.raises(ValueError, match="TEST.SLIDING_WINDOW.STRIDE"):
+        _sliding_model(crop=32, stride=40)
+
+
 def _train_net(datasets_dir, output_dir, opts=(), flags=()):
     args = ["tools/train_net.py", "--config-file", CONFIG, *flags, "OUTPUT_DIR", str(output_dir), *opts]
     result = run_tool(args, datasets_dir, REPO)
@@ -214,7 +276,9 @@ def test_train_eval_resume_and_demo(datasets_dir, tmp_path, block_type):
     assert "copypaste: Task: sem_seg" in log
 
     weights = str(tmp_path / "train" / "model_final.pth")
-    log = _train_net(datasets_dir, tmp_path / "eval", opts + ["MODEL.WEIGHTS", weights], flags=["--eval-only"])
+    sliding = ["TEST.SLIDING_WINDOW.ENABLED", "True", "TEST.SLIDING_WINDOW.CROP_SIZE", "[48, 48]",
+               "TEST.SLIDING_WINDOW.STRIDE", "[32, 32]"]
+    log = _train_net(datasets_dir, tmp_path / "eval", opts + sliding + ["MODEL.WEIGHTS", weights], flags=["--eval-only"])
     assert "Starting training" not in log and "copypaste: Task: sem_seg" in log  # SemSegEvaluator
 
     (tmp_path / "train" / "last_checkpoint").write_text("model_0000002.pth")

@@ -1,4 +1,5 @@
 from .kmax_deeplab import kMaXDeepLab
 from .mask_former import MaskFormer
+from .semantic import SlidingWindowSemanticSegmentor
 
-__all__ = ["MaskFormer", "kMaXDeepLab"]
+__all__ = ["MaskFormer", "SlidingWindowSemanticSegmentor", "kMaXDeepLab"]
