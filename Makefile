@@ -12,10 +12,11 @@ DEPS_STAMP := $(VENV)/.deps-installed
 EXT_STAMP := $(VENV)/.kmax_m2f-installed
 EXT_SOURCES := setup.py $(shell find kmax_m2f/layers/ms_deform_attn/csrc -type f 2>/dev/null)
 
-# make quickstart [MODEL=mask2former|kmax]
+# make quickstart [MODEL=mask2former|kmax|structtoken]
 MODEL ?= mask2former
 QUICKSTART_CONFIG_mask2former := configs/synthetic/panoptic-segmentation/maskformer2_R18_synthetic.yaml
 QUICKSTART_CONFIG_kmax := configs/synthetic/panoptic-segmentation/kmax_R18_synthetic.yaml
+QUICKSTART_CONFIG_structtoken := configs/synthetic/semantic-segmentation/structtoken_vit_synthetic.yaml
 QUICKSTART_DEMO_FLAGS_kmax := --show-clusters
 QUICKSTART_CONFIG = $(QUICKSTART_CONFIG_$(MODEL))
 QUICKSTART_OUT = output/quickstart/$(MODEL)
@@ -51,11 +52,12 @@ $(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
 test: setup
 	$(PY) -m pytest tests
 
-# Generate the synthetic set, train the small Mask2Former (or kMaX-DeepLab: MODEL=kmax) on CPU
-# (about 10 minutes), evaluate it (PQ / mIoU / AP) and draw panoptic results of 4 validation
-# images to output/quickstart/$(MODEL)/demo (kMaX: with the cluster assignments of every stage).
+# Generate the synthetic set, train the small Mask2Former (or kMaX-DeepLab: MODEL=kmax; StructToken,
+# semantic only: MODEL=structtoken) on CPU (about 10 minutes), evaluate it (PQ / mIoU / AP) and draw
+# the results of 4 validation images to output/quickstart/$(MODEL)/demo (kMaX: with the cluster
+# assignments of every stage).
 quickstart: setup
-	@test -n "$(QUICKSTART_CONFIG)" || { echo "MODEL must be mask2former or kmax, got '$(MODEL)'"; exit 2; }
+	@test -n "$(QUICKSTART_CONFIG)" || { echo "MODEL must be mask2former, kmax or structtoken, got '$(MODEL)'"; exit 2; }
 	$(PY) datasets/prepare_synthetic.py
 	$(PY) tools/train_net.py --config-file $(QUICKSTART_CONFIG) OUTPUT_DIR $(QUICKSTART_OUT)
 	$(PY) tools/demo.py --config-file $(QUICKSTART_CONFIG) --output $(QUICKSTART_OUT)/demo $(QUICKSTART_DEMO_FLAGS_$(MODEL)) \

@@ -262,6 +262,15 @@ def test_stride_beyond_the_crop_is_refused():
         _sliding_model(crop=32, stride=40)
 
 
+def test_synthetic_quick_start_config_builds_and_segments():
+    cfg = kmax_m2f.build_config(str(REPO / "configs/synthetic/semantic-segmentation/structtoken_vit_synthetic.yaml"))
+    model = build_model(cfg).eval()
+    assert model.sem_seg_head.kernels.shape == (1, NUM_CLASSES, 16, 16)
+    with torch.no_grad():
+        out = model([{"image": torch.randint(0, 255, (3, 256, 256), dtype=torch.uint8)}])[0]["sem_seg"]
+    assert out.shape == (NUM_CLASSES, 256, 256)
+
+
 def _train_net(datasets_dir, output_dir, opts=(), flags=()):
     args = ["tools/train_net.py", "--config-file", CONFIG, *flags, "OUTPUT_DIR", str(output_dir), *opts]
     result = run_tool(args, datasets_dir, REPO)
