@@ -156,7 +156,9 @@ class CrossSliceExtractionBlock(nn.Module):
 
 
 class SelfSliceExtractionBlock(nn.Module):
-    """SSE: channel self-attention over tokens and features together, FFN, split."""
+    """SSE: channel self-attention over tokens and features together, FFN, split. Blocks share
+    one constructor signature; ``ffn_features`` (CSE's) changes nothing here: the joint FFN
+    covers the features in every block, as in the official code."""
 
     def __init__(self, feature_channels: int, num_classes: int, expand_ratio: int, drop_rate: float,
                  attn_drop_rate: float, drop_path: float, ffn_features: bool) -> None:
@@ -173,7 +175,8 @@ class SelfSliceExtractionBlock(nn.Module):
 
 
 class PointWiseExtractionBlock(nn.Module):
-    """PWE: a point-wise (1x1) interaction of tokens and features together, FFN, split."""
+    """PWE: a point-wise (1x1) interaction of tokens and features together, FFN, split
+    (``ffn_features``: as in :class:`SelfSliceExtractionBlock`)."""
 
     def __init__(self, feature_channels: int, num_classes: int, expand_ratio: int, drop_rate: float,
                  attn_drop_rate: float, drop_path: float, ffn_features: bool) -> None:
