@@ -6,15 +6,12 @@ times, keeping the decoded arrays saves that work on every later epoch; on a mac
 cores the data-loader workers compete with the training step for them.
 """
 
-import logging
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 import numpy as np
 
 __all__ = ["DecodedFileCache", "MIB", "NO_CACHE"]
-
-logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 
@@ -38,6 +35,11 @@ class DecodedFileCache:
         self.max_bytes = max_bytes
         self._arrays: OrderedDict[Hashable, np.ndarray] = OrderedDict()
         self._bytes = 0
+
+    @classmethod
+    def from_mib(cls, mib: float) -> "DecodedFileCache":
+        """A cache of ``mib`` MiB (``DATALOADER.DECODED_FILE_CACHE_MB``); <= 0: off."""
+        return cls(int(mib * MIB))
 
     @property
     def enabled(self) -> bool:

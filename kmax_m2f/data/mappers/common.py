@@ -29,7 +29,7 @@ from detectron2.structures import Instances, polygons_to_bitmask
 from torch.nn import functional as F
 
 from ..datasets.checks import DatasetError
-from ..file_cache import MIB, NO_CACHE, DecodedFileCache
+from ..file_cache import NO_CACHE, DecodedFileCache
 from ...config import fixed_image_size
 
 logger = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ class MaskFormerMapperBase(abc.ABC):
         self.size_divisibility = size_divisibility
         self.ignore_label = ignore_label
         self.num_classes = num_classes
-        self.file_cache = DecodedFileCache(int(decoded_file_cache_mb * MIB))
+        self.file_cache = DecodedFileCache.from_mib(decoded_file_cache_mb)
         # RandomCrop_CategoryAreaConstraint measures class areas on the semantic map.
         self._crop_needs_sem_seg = any(
             isinstance(a, T.RandomCrop_CategoryAreaConstraint) and a.single_category_max_area < 1.0

@@ -35,7 +35,7 @@ from detectron2.utils.logger import log_every_n_seconds
 
 from ...config import ConfigError, fixed_image_size
 from ..datasets.checks import DatasetError
-from ..file_cache import MIB, DecodedFileCache
+from ..file_cache import DecodedFileCache
 from ..panoptic import VOID_ID, panoptic_ids, read_panoptic_png
 from .build import MAPPER_REGISTRY
 from .common import check_class_ids, check_label_size, flip_augmentations, image_to_tensor, read_image
@@ -180,7 +180,7 @@ class KMaXPanopticDatasetMapper:
         self.num_classes = num_classes
         self.labeled_pixels_threshold = labeled_pixels_threshold
         self.max_draws = max_draws
-        self.file_cache = DecodedFileCache(int(decoded_file_cache_mb * MIB))
+        self.file_cache = DecodedFileCache.from_mib(decoded_file_cache_mb)
         logger.info(
             f"[{type(self).__name__}] Augmentations used in training: {augmentations}; copy-paste: "
             + (f"partners {partner_augmentations}" if copy_paste else "off")

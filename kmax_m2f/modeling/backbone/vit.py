@@ -13,6 +13,9 @@ these names):
 
 The output is the last layer's patch tokens (the class token dropped) as a [B, C, h, w] map at
 stride ``patch_size``.
+
+detectron2's own ``ViT`` (ViTDet) is not used: its parameters have timm's names and its forward
+has no class token, which takes part in the official model's attention.
 """
 
 from typing import Sequence
@@ -36,7 +39,10 @@ def resize_pos_embed(
     """Resample the patch part of ``pos_embed`` [1, 1 + P_h * P_w, C] (the class token's entry
     first) from a ``pos_grid_size`` grid to ``grid_size``; the class token's entry is kept.
 
-    Returns [1, 1 + h * w, C]."""
+    Returns [1, 1 + h * w, C].
+
+    detectron2's ``get_abs_pos`` does the same for square grids, in bicubic only, and drops the
+    class token's entry; ``MODEL.VIT.IMG_SIZE`` may be [H, W] and the mode is configurable."""
     if tuple(grid_size) == tuple(pos_grid_size):
         return pos_embed
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
