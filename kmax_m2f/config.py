@@ -104,7 +104,10 @@ def _add_mask_former_config(cfg: CN) -> None:
     head.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
     head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
-    head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
+    # The deformable encoder has MODEL.MASK_FORMER.NHEADS heads, as in the official code, which
+    # declares DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS but never reads it: a YAML that sets it
+    # still merges, with a warning that it is ignored.
+    cfg.register_deprecated_key("MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS")
 
 
 def _add_swin_config(cfg: CN) -> None:

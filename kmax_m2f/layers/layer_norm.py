@@ -1,6 +1,7 @@
 """LayerNorm over the channels of NCHW maps (ConvNeXt, kMaX-DeepLab)."""
 import torch
 from torch import nn
+from .precision import at_least_float32
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -18,7 +19,7 @@ class LayerNorm2d(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, C, H, W], float32 for half-precision inputs."""
-        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        x = at_least_float32(x)
         # Reducing over dim 1 directly keeps the NCHW layout (a permute to channels-last
         # and back would hand the next layers a non-contiguous tensor).
         var, mean = torch.var_mean(x, dim=1, correction=0, keepdim=True)

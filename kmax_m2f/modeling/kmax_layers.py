@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import StochasticDepth
+from ..layers.precision import at_least_float32
 
 __all__ = [
     "MAX_SPAN",
@@ -43,11 +44,6 @@ TF_BN_MOMENTUM = 0.01
 # Largest relative distance an encoding can represent is MAX_SPAN - 1, so one axis of an axial
 # attention layer can be at most MAX_SPAN long (the table has 2 * MAX_SPAN - 1 rows).
 MAX_SPAN = 255
-
-
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """Up-cast half / bfloat16 to float32; leave float32 and float64 (used by tests) alone."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def tf_align_corners(size: Sequence[int]) -> bool:
@@ -310,7 +306,7 @@ class AxialAttention(nn.Module):
         # Softmax in float32 even under autocast, as the official port: in half precision the
         # normalised weights lose most of their mantissa. Cast back so that a model run in half
         # precision without autocast still multiplies matching dtypes.
-        weights = F.softmax(_at_least_float32(similarity), dim=-1).to(v.dtype)
+        weights = F.softmax(at_least_float32(similarity), dim=-1).to(v.dtype)
 
         retrieved = torch.cat(
             [

@@ -14,6 +14,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .criterion.losses import batch_dice_loss, batch_sigmoid_ce_loss
+from ..layers.precision import at_least_float32
 
 __all__ = ["CostFn", "HungarianMatcher"]
 
@@ -91,11 +92,11 @@ class HungarianMatcher(nn.Module):
             point_coords = torch.rand(self.num_points, 2, device=device)
         # Mixed precision would make the BCE / sigmoid sums inexact over 12k points.
         with torch.autocast(device_type=device.type, enabled=False):
-            prob = outputs["pred_logits"].float().softmax(-1)
+            prob = at_least_float32(outputs["pred_logits"]).softmax(-1)
             cost_class = -prob[:, target["labels"]]
 
-            point_logits = _sample(pred_masks.float(), point_coords)
-            point_labels = _sample(target["masks"].to(device=device, dtype=torch.float32), point_coords)
+            point_logits = _sample(at_least_float32(pred_masks), point_coords)
+            point_labels = _sample(target["masks"].to(device=device, dtype=point_logits.dtype), point_coords)
             cost_mask = batch_sigmoid_ce_loss(point_logits, point_labels)
             cost_dice = batch_dice_loss(point_logits, point_labels)
         return self.cost_class * cost_class + self.cost_mask * cost_mask + self.cost_dice * cost_dice

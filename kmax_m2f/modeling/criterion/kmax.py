@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .mask2former import Matcher, apply_loss_weights
+from ...layers.precision import at_least_float32
 
 __all__ = [
     "kMaXMatchingCost",
@@ -55,7 +56,7 @@ def kmax_class_similarity(pred_logits: Tensor, labels: Tensor) -> Tensor:
     Returns:
         [N, M] float32 probabilities.
     """
-    return pred_logits.float().softmax(-1)[:, labels]
+    return at_least_float32(pred_logits).softmax(-1)[:, labels]
 
 
 def kmax_mask_similarity(mask_logits: Tensor, target_masks: Tensor, masking_void_pixel: bool = True) -> Tensor:
@@ -71,7 +72,7 @@ def kmax_mask_similarity(mask_logits: Tensor, target_masks: Tensor, masking_void
     Returns:
         [N, M] float32 similarities in [0, 1].
     """
-    probs = mask_logits.float().flatten(1).softmax(0)  # [N, L]
+    probs = at_least_float32(mask_logits).flatten(1).softmax(0)  # [N, L]
     targets = target_masks.flatten(1).to(probs)  # [M, L]
     if masking_void_pixel:
         probs = probs * (targets.sum(0) > 0).to(probs)
@@ -289,14 +290,14 @@ class kMaXSetCriterion(nn.Module):
 
     def loss_labels(self, outputs: dict[str, Tensor], dense: _DenseTargets) -> dict[str, Tensor]:
         """PQ-style class term on "pred_logits" [B, N, K+1]."""
-        logits = outputs["pred_logits"].float()
+        logits = at_least_float32(outputs["pred_logits"])
         cross_entropy = F.cross_entropy(logits.transpose(1, 2), dense.classes, reduction="none")  # [B, N]
         alpha = torch.where(dense.classes == self.num_classes, 1 - _CLASS_LOSS_ALPHA, _CLASS_LOSS_ALPHA)
         return {"loss_ce": _mean_of_nonzero(cross_entropy * alpha * dense.class_loss_weight)}
 
     def loss_masks(self, outputs: dict[str, Tensor], dense: _DenseTargets) -> dict[str, Tensor]:
         """PQ-style dice term and mask-ID cross-entropy on "pred_masks" [B, N, H, W]."""
-        logits = outputs["pred_masks"].float().flatten(2)  # [B, N, L]
+        logits = at_least_float32(outputs["pred_masks"]).flatten(2)  # [B, N, L]
         targets = dense.masks.flatten(2)
         void = dense.void.flatten(1)  # [B, L]
 
@@ -316,7 +317,7 @@ class kMaXSetCriterion(nn.Module):
 
     def loss_pixels(self, outputs: dict[str, Tensor], dense: _DenseTargets) -> dict[str, Tensor]:
         """Pixel instance discrimination on "pixel_feature" [B, D, H, W]."""
-        features = outputs["pixel_feature"].float().flatten(2)  # [B, D, L]
+        features = at_least_float32(outputs["pixel_feature"]).flatten(2)  # [B, D, L]
         masks = dense.masks.flatten(2)  # [B, N, L]
         with torch.no_grad():
             index = _sample_pixels(
@@ -344,7 +345,7 @@ class kMaXSetCriterion(nn.Module):
     def loss_aux_semantic(self, outputs: dict[str, Tensor], dense: _DenseTargets) -> dict[str, Tensor]:
         """Cross-entropy of "aux_semantic_pred" [B, C, h, w] (C = K + 1 or K; a void channel is
         never a target) against the targets' "semantic_masks"."""
-        logits = outputs["aux_semantic_pred"].float()
+        logits = at_least_float32(outputs["aux_semantic_pred"])
         semantic, void, log_inverse_area = dense.semantic, dense.void, dense.log_inverse_area
         height = logits.shape[-2]
         if logits.shape[-2:] != semantic.shape[-2:]:
@@ -370,8 +371,8 @@ class kMaXSetCriterion(nn.Module):
         """Match ``outputs`` (one output, no "aux_outputs") to the targets and lay the result out
         per query and per pixel."""
         indices = self.matcher(outputs, targets)
-        mask_logits = outputs["pred_masks"].detach().float()  # [B, N, H, W]
-        class_logits = outputs["pred_logits"].detach().float()
+        mask_logits = at_least_float32(outputs["pred_masks"].detach())  # [B, N, H, W]
+        class_logits = at_least_float32(outputs["pred_logits"].detach())
         batch, num_queries, height, width = mask_logits.shape
         device = mask_logits.device
 
@@ -383,7 +384,7 @@ class kMaXSetCriterion(nn.Module):
             if len(pred_idx) == 0:
                 continue
             pred_idx, tgt_idx = pred_idx.to(device), tgt_idx.to(device)
-            target_masks = target["masks"].to(device=device, dtype=torch.float32)
+            target_masks = target["masks"].to(device=device, dtype=mask_logits.dtype)
             labels = target["labels"].to(device)
             masks[b, pred_idx] = target_masks[tgt_idx]
             classes[b, pred_idx] = labels[tgt_idx]
@@ -589,7 +590,8 @@ def _sample_pixels(void: Tensor, log_inverse_area: Tensor, temperature: float, n
 def _gumbel_top_k(logits: Tensor, k: int) -> Tensor:
     """[B, L] logits -> [B, k] indices drawn without replacement from softmax(logits) (the
     Gumbel-top-k trick: the top k of logits + Gumbel noise)."""
-    # -log(E) with E ~ Exp(1) is Gumbel(0, 1); a rare E = 0 gives +inf, which merely forces that
-    # pixel into the sample.
-    gumbel = -torch.empty_like(logits).exponential_().log()
+    # -log(-log(U)) with U uniform is Gumbel(0, 1), drawn from the uniform stream as the official
+    # code does (so that a seeded run samples the same pixels); a rare U = 0 gives -inf, which
+    # merely leaves that pixel out.
+    gumbel = -torch.log(-torch.log(torch.rand_like(logits)))
     return (logits + gumbel).topk(k, dim=1).indices

@@ -14,6 +14,7 @@ from detectron2.utils import comm
 from torch import Tensor, nn
 
 from .losses import calculate_uncertainty, dice_loss, sigmoid_ce_loss
+from ...layers.precision import at_least_float32
 
 __all__ = ["SetCriterion", "apply_loss_weights", "build_weight_dict", "num_masks_across_workers"]
 
@@ -128,7 +129,7 @@ class SetCriterion(nn.Module):
     ) -> dict[str, Tensor]:
         """Class cross-entropy over all [B, Q] predictions ("pred_logits" [B, Q, K+1]).
         ``num_masks`` is unused: the weighted mean over predictions is the normalisation."""
-        logits = outputs["pred_logits"].float()
+        logits = at_least_float32(outputs["pred_logits"])
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[_pred_index(indices)] = torch.cat(
             [t["labels"][tgt] for t, (_, tgt) in zip(targets, indices)]
@@ -152,7 +153,7 @@ class SetCriterion(nn.Module):
             # DDP finds a gradient for each of them.
             return {"loss_mask": pred_masks.sum() * 0.0, "loss_dice": pred_masks.sum() * 0.0}
 
-        matched = pred_masks[pred_index].float()[:, None]  # [M, 1, H, W]
+        matched = at_least_float32(pred_masks[pred_index])[:, None]  # [M, 1, H, W]
         with torch.no_grad():
             point_coords = self.sample_points(matched)  # [M, P, 2]
             # Sampled per image, since images' target masks may differ in size.
@@ -160,7 +161,7 @@ class SetCriterion(nn.Module):
             point_labels = torch.cat(
                 [
                     point_sample(
-                        t["masks"][tgt].to(device=matched.device, dtype=torch.float32)[:, None],
+                        t["masks"][tgt].to(device=matched.device, dtype=matched.dtype)[:, None],
                         coords,
                         align_corners=False,
                     )[:, 0]

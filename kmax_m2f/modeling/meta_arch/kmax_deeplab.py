@@ -19,6 +19,7 @@ from ..matcher import HungarianMatcher
 from ..postprocess import kmax_instance_inference, kmax_panoptic_inference, kmax_semantic_inference
 from ..transformer_decoder.kmax import resize_aux_outputs
 from .common import check_num_classes, thing_ids, training_metadata
+from ...layers.precision import at_least_float32
 
 __all__ = ["kMaXDeepLab"]
 
@@ -352,6 +353,6 @@ def _assignment_map(mask_logits: torch.Tensor, real_size: tuple[int, int], padde
 
 
 def _to_float32(outputs: dict) -> dict:
-    converted = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
-    converted["aux_outputs"] = [{k: v.float() for k, v in aux.items()} for aux in outputs["aux_outputs"]]
+    converted = {k: at_least_float32(v) if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
+    converted["aux_outputs"] = [{k: at_least_float32(v) for k, v in aux.items()} for aux in outputs["aux_outputs"]]
     return converted

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from ...layers.ms_deform_attn import MSDeformAttn
 from ..position_encoding import PositionEmbeddingSine
+from ...layers.precision import at_least_float32
 
 # Mask2Former's transformer decoder always reads three scales.
 MASKFORMER_NUM_FEATURE_LEVELS = 3
@@ -268,7 +269,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             "mask_dim": head.MASK_DIM,
             "norm": head.NORM,
             "transformer_dropout": cfg.MODEL.MASK_FORMER.DROPOUT,
-            "transformer_nheads": head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS,
+            # The official decoder reads the transformer decoder's head count here too.
+            "transformer_nheads": cfg.MODEL.MASK_FORMER.NHEADS,
             "transformer_dim_feedforward": ENCODER_DIM_FEEDFORWARD,
             "transformer_enc_layers": head.TRANSFORMER_ENC_LAYERS,
             "transformer_in_features": head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES,
@@ -281,7 +283,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         srcs, pos = [], []
         for index, name in enumerate(self.transformer_in_features[::-1]):
             # The deformable kernel runs in float32 (no half path in the encoder's numerics).
-            x = features[name].float()
+            x = at_least_float32(features[name])
             srcs.append(self.input_proj[index](x))
             pos.append(self.pe_layer(x))
         memory, spatial_shapes, level_start_index = self.transformer(srcs, pos)
@@ -293,7 +295,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             for level, (h, w) in zip(torch.split(memory, level_sizes, dim=1), spatial_shapes.tolist())
         ]
         for index, name in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
-            lateral = self.lateral_convs[index](features[name].float())
+            lateral = self.lateral_convs[index](at_least_float32(features[name]))
             upsampled = F.interpolate(outputs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
             outputs.append(self.output_convs[index](lateral + upsampled))
 

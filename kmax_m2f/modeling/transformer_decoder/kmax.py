@@ -30,6 +30,7 @@ from torchvision.ops import StochasticDepth
 
 from ..kmax_layers import ConvBN, get_kmax_norm, tf_align_corners, trunc_normal_tf_
 from .mask2former import TRANSFORMER_DECODER_REGISTRY
+from ...layers.precision import at_least_float32
 
 __all__ = [
     "ASPP",
@@ -49,7 +50,8 @@ VOID_PRIOR_PROBABILITY = 0.9
 def void_prior_bias(num_classes_with_void: int, void_prior_prob: float = VOID_PRIOR_PROBABILITY) -> torch.Tensor:
     """Bias [K+1] that makes softmax give the void class (last) ``void_prior_prob`` at zero logits:
     log((K) * p / (1 - p)) on void, 0 elsewhere, with K = ``num_classes_with_void - 1``."""
-    bias = torch.zeros(num_classes_with_void)
+    # float64, so that a float64 model adds the exact value (a float32 model rounds it once).
+    bias = torch.zeros(num_classes_with_void, dtype=torch.float64)
     bias[-1] = math.log((num_classes_with_void - 1) * void_prior_prob / (1 - void_prior_prob))
     return bias
 
@@ -68,10 +70,10 @@ def kmeans_cross_attention(mask_logits: torch.Tensor, pixel_values: torch.Tensor
     """
     with torch.no_grad():
         best_cluster = mask_logits.argmax(dim=1, keepdim=True)
-        assignment = torch.zeros_like(mask_logits, dtype=torch.float32).scatter_(1, best_cluster, 1.0)
+        assignment = torch.zeros_like(at_least_float32(mask_logits)).scatter_(1, best_cluster, 1.0)
     # Sums over up to HW pixels: in half precision they would overflow / lose the small clusters.
     with torch.autocast(device_type=pixel_values.device.type, enabled=False):
-        return torch.einsum("bnm,bcm->bcn", assignment, pixel_values.float())
+        return torch.einsum("bnm,bcm->bcn", assignment, at_least_float32(pixel_values))
 
 
 class AttentionOperation(nn.Module):
@@ -89,7 +91,7 @@ class AttentionOperation(nn.Module):
         similarity = self._batch_norm_similarity(torch.einsum("bhdl,bhdm->bhlm", query, key))
         # float32 softmax even under autocast, as in the official port.
         with torch.autocast(device_type=query.device.type, enabled=False):
-            weights = F.softmax(similarity.float(), dim=-1)
+            weights = F.softmax(at_least_float32(similarity), dim=-1)
         retrieved = torch.einsum("bhlm,bhdm->bhdl", weights.to(value.dtype), value)
         retrieved = self._batch_norm_retrieved_value(retrieved.reshape(batch, heads * value_depth, length))
         return F.gelu(retrieved)
