@@ -73,12 +73,13 @@ def test_config_merges(path):
 
 def test_components_are_registered():
     """Names the configs use exist in the registries (the configs would build)."""
-    import kmax_m2f.modeling  # noqa: F401  (registers the models)
+    import kmax_m2f  # noqa: F401  (registers the models)
     from detectron2.data import DatasetCatalog
     from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
 
     from kmax_m2f.data.mappers import MAPPER_REGISTRY
-    from kmax_m2f.modeling.transformer_decoder.mask2former import TRANSFORMER_DECODER_REGISTRY
+    from kmax_m2f.systems.kmax_deeplab import KMAX_DECODER_REGISTRY
+    from kmax_m2f.systems.mask2former import TRANSFORMER_DECODER_REGISTRY
 
     for path in YAMLS:
         cfg = build_config(str(path))
@@ -91,8 +92,12 @@ def test_components_are_registered():
             continue
         assert cfg.MODEL.META_ARCHITECTURE in META_ARCH_REGISTRY, where
         assert cfg.MODEL.SEM_SEG_HEAD.NAME in SEM_SEG_HEADS_REGISTRY, where
-        assert cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME in SEM_SEG_HEADS_REGISTRY, where
-        assert cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME in TRANSFORMER_DECODER_REGISTRY, where
+        if cfg.MODEL.META_ARCHITECTURE == "MaskFormer":
+            assert cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME in SEM_SEG_HEADS_REGISTRY, where
+            assert cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME in TRANSFORMER_DECODER_REGISTRY, where
+        if cfg.MODEL.META_ARCHITECTURE == "kMaXDeepLab":
+            assert cfg.MODEL.KMAX_DEEPLAB.PIXEL_DEC.NAME in SEM_SEG_HEADS_REGISTRY, where
+            assert cfg.MODEL.KMAX_DEEPLAB.TRANS_DEC.NAME in KMAX_DECODER_REGISTRY, where
 
 
 def test_coco_panoptic_r50():

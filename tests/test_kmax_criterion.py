@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from kmax_m2f.modeling.criterion import (
-    build_weight_dict,
+from kmax_m2f.modeling.set_criterion import build_weight_dict
+from kmax_m2f.systems.kmax_deeplab import criterion as kmax_module
+from kmax_m2f.systems.kmax_deeplab.criterion import (
     kMaXMatchingCost,
     kMaXSetCriterion,
     kmax_class_similarity,
     kmax_mask_similarity,
 )
-from kmax_m2f.modeling.criterion import kmax as kmax_module
 from kmax_m2f.modeling.matcher import HungarianMatcher
 
 K = 3  # classes without void

@@ -8,8 +8,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.structures import Instances
 
 import kmax_m2f
-from kmax_m2f.modeling.meta_arch.kmax_deeplab import kMaXDeepLab, masks_to_image
-from kmax_m2f.modeling.transformer_decoder.kmax import (
+from kmax_m2f.systems.kmax_deeplab.meta_arch import kMaXDeepLab, masks_to_image
+from kmax_m2f.systems.kmax_deeplab.transformer_decoder import (
     kMaXPredictor,
     kMaXTransformerDecoder,
     kMaXTransformerLayer,
@@ -244,7 +244,7 @@ def test_inference_returns_results_at_the_requested_size_and_cluster_maps(tiny_k
 def test_aspp_trains_with_one_image_and_matches_the_pooled_normalisation():
     """The official port fails at batch 1 (BN on a 1x1 pooled map); normalising the broadcast map
     keeps the batch statistics of the pooled one."""
-    from kmax_m2f.modeling.transformer_decoder.kmax import ASPP
+    from kmax_m2f.systems.kmax_deeplab.semantic_decoder import ASPP
 
     torch.manual_seed(0)
     aspp = ASPP(8, 4, (1, 2, 3), norm="BN").train()

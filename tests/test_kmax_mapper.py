@@ -19,7 +19,7 @@ import kmax_m2f
 from kmax_m2f.config import ConfigError
 from kmax_m2f.data import MAPPER_REGISTRY, build_mapper
 from kmax_m2f.data.datasets.checks import DatasetError
-from kmax_m2f.data.mappers.kmax_panoptic import KMaXPanopticDatasetMapper
+from kmax_m2f.systems.kmax_deeplab.mapper import KMaXPanopticDatasetMapper
 from kmax_m2f.data.panoptic import read_panoptic_ids
 
 NUM_CLASSES = 8  # synthetic categories, contiguous: things 0-4, stuff 5-7
@@ -27,7 +27,7 @@ THING_CLASSES = set(range(5))
 IGNORE = 255
 SIZE = 64  # synthetic image size (tests/conftest.py)
 HALF = T.ResizeScale(min_scale=0.5, max_scale=0.5, target_height=SIZE, target_width=SIZE)
-MAPPER_LOGGER = "kmax_m2f.data.mappers.kmax_panoptic"
+MAPPER_LOGGER = "kmax_m2f.systems.kmax_deeplab.mapper"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""kMaX-DeepLab's pixel decoder and its shared layers (kmax_m2f.modeling.kmax_layers)."""
+"""kMaX-DeepLab's pixel decoder and its shared layers (kmax_m2f.systems.kmax_deeplab.layers)."""
 import pytest
 import torch
 from detectron2.layers import ShapeSpec
@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 import kmax_m2f
 from kmax_m2f.layers import LayerNorm2d
-from kmax_m2f.modeling.kmax_layers import (
+from kmax_m2f.systems.kmax_deeplab.layers import (
     MAX_SPAN,
     AxialAttention,
     AxialAttention2D,
@@ -18,8 +18,7 @@ from kmax_m2f.modeling.kmax_layers import (
     SingleBlock,
     get_kmax_norm,
 )
-from kmax_m2f.modeling.pixel_decoder import kMaXPixelDecoder
-from kmax_m2f.modeling.pixel_decoder.kmax import ResizedFuse
+from kmax_m2f.systems.kmax_deeplab.pixel_decoder import ResizedFuse, kMaXPixelDecoder
 
 TINY_SHAPES = {
     "res2": ShapeSpec(channels=8, stride=4),

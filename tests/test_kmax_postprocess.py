@@ -6,12 +6,10 @@ import torch
 from detectron2.structures import BitMasks
 from torch.nn import functional as F
 
-from kmax_m2f.modeling.postprocess import (
-    _boxes_from_masks,
-    kmax_instance_inference,
-    kmax_panoptic_inference,
-    kmax_semantic_inference,
-)
+from kmax_m2f.modeling.postprocess import boxes_from_masks
+from kmax_m2f.systems.kmax_deeplab.postprocess import instance_inference as kmax_instance_inference
+from kmax_m2f.systems.kmax_deeplab.postprocess import panoptic_inference as kmax_panoptic_inference
+from kmax_m2f.systems.kmax_deeplab.postprocess import semantic_inference as kmax_semantic_inference
 
 COCO_THRESHOLDS = dict(pixel_confidence_threshold=0.4, class_threshold_thing=0.7, class_threshold_stuff=0.5,
                        overlap_threshold=0.8)
@@ -305,8 +303,8 @@ def test_boxes_from_masks_equal_detectron2_bitmasks():
     generator = torch.Generator().manual_seed(6)
     masks = torch.rand(20, 9, 11, generator=generator) > 0.97
     masks[0] = False
-    assert torch.equal(_boxes_from_masks(masks).tensor, BitMasks(masks).get_bounding_boxes().tensor)
-    assert _boxes_from_masks(torch.zeros(0, 4, 4, dtype=torch.bool)).tensor.shape == (0, 4)
+    assert torch.equal(boxes_from_masks(masks).tensor, BitMasks(masks).get_bounding_boxes().tensor)
+    assert boxes_from_masks(torch.zeros(0, 4, 4, dtype=torch.bool)).tensor.shape == (0, 4)
 
 
 def test_panoptic_score_is_the_reorder_score():

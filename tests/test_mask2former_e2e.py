@@ -1,8 +1,6 @@
 """Mask2Former end to end through the public tools, for each task, on the synthetic set."""
-import re
 
 import pytest
-import torch
 
 from .conftest import REPO, run_tool
 

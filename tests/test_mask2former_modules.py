@@ -4,10 +4,9 @@ import torch
 from detectron2.layers import ShapeSpec
 
 import kmax_m2f
-from kmax_m2f.modeling.pixel_decoder import MSDeformAttnPixelDecoder
-from kmax_m2f.modeling.postprocess import instance_inference, panoptic_inference, semantic_inference
-from kmax_m2f.modeling.transformer_decoder import MultiScaleMaskedTransformerDecoder
-from kmax_m2f.modeling.transformer_decoder.mask2former import CrossAttentionLayer, masked_attention_mask
+from kmax_m2f.systems.mask2former import MSDeformAttnPixelDecoder, MultiScaleMaskedTransformerDecoder
+from kmax_m2f.systems.mask2former.postprocess import instance_inference, panoptic_inference, semantic_inference
+from kmax_m2f.systems.mask2former.transformer_decoder import CrossAttentionLayer, masked_attention_mask
 
 SHAPES = {
     "res2": ShapeSpec(channels=16, stride=4),

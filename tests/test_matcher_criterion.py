@@ -11,17 +11,16 @@ import torch.nn.functional as F
 from detectron2.utils import comm
 from torch import nn
 
-from kmax_m2f.modeling.criterion import (
-    SetCriterion,
+from kmax_m2f.modeling.losses import (
     batch_dice_loss,
     batch_sigmoid_ce_loss,
-    build_weight_dict,
     calculate_uncertainty,
     dice_loss,
-    num_masks_across_workers,
     sigmoid_ce_loss,
 )
 from kmax_m2f.modeling.matcher import HungarianMatcher
+from kmax_m2f.modeling.set_criterion import build_weight_dict, num_masks_across_workers
+from kmax_m2f.systems.mask2former.criterion import SetCriterion
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 

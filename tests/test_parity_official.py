@@ -16,7 +16,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
 import kmax_m2f
-from kmax_m2f.modeling.transformer_decoder.kmax import resize_aux_outputs
+from kmax_m2f.systems.kmax_deeplab.transformer_decoder import resize_aux_outputs
 
 from .fixtures.parity.weights import expand_state_dict
 

@@ -10,10 +10,11 @@ from detectron2.utils.events import EventStorage
 from PIL import Image
 
 import kmax_m2f
+from kmax_m2f.config import ConfigError
 from kmax_m2f.data import build_mapper
 from kmax_m2f.modeling.backbone.vit import VisionTransformer, resize_pos_embed
-from kmax_m2f.modeling.heads.struct_token_head import ChannelAttention, StructTokenHead
 from kmax_m2f.modeling.meta_arch.semantic import SlidingWindowSemanticSegmentor, sliding_windows
+from kmax_m2f.systems.struct_token.head import ChannelAttention, StructTokenHead
 
 from .conftest import REPO, run_tool
 
@@ -216,9 +217,12 @@ def test_sliding_windows_are_mmsegs_grid():
 
 
 def _sliding_model(crop: int, stride: int) -> SlidingWindowSemanticSegmentor:
+    """The tiny model built for ``crop`` x ``crop`` inputs, sliding windows of that size."""
+    size = f"[{crop}, {crop}]"
     cfg = kmax_m2f.build_config(str(REPO / CONFIG), ["TEST.SLIDING_WINDOW.ENABLED", "True",
-                                                      "TEST.SLIDING_WINDOW.CROP_SIZE", f"[{crop}, {crop}]",
-                                                      "TEST.SLIDING_WINDOW.STRIDE", f"[{stride}, {stride}]"])
+                                                      "TEST.SLIDING_WINDOW.CROP_SIZE", size,
+                                                      "TEST.SLIDING_WINDOW.STRIDE", f"[{stride}, {stride}]",
+                                                      "MODEL.STRUCT_TOKEN.IMAGE_SIZE", size, "MODEL.VIT.IMG_SIZE", size])
     torch.manual_seed(0)
     return build_model(cfg).eval()
 
@@ -285,8 +289,9 @@ def test_train_eval_resume_and_demo(datasets_dir, tmp_path, block_type):
     assert "copypaste: Task: sem_seg" in log
 
     weights = str(tmp_path / "train" / "model_final.pth")
-    sliding = ["TEST.SLIDING_WINDOW.ENABLED", "True", "TEST.SLIDING_WINDOW.CROP_SIZE", "[48, 48]",
-               "TEST.SLIDING_WINDOW.STRIDE", "[32, 32]"]
+    # 64 x 64 windows (the training size) 32 apart over the test images resized to 96 x 96.
+    sliding = ["TEST.SLIDING_WINDOW.ENABLED", "True", "TEST.SLIDING_WINDOW.CROP_SIZE", "[64, 64]",
+               "TEST.SLIDING_WINDOW.STRIDE", "[32, 32]", "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96"]
     log = _train_net(datasets_dir, tmp_path / "eval", opts + sliding + ["MODEL.WEIGHTS", weights], flags=["--eval-only"])
     assert "Starting training" not in log and "copypaste: Task: sem_seg" in log  # SemSegEvaluator
 
@@ -334,7 +339,7 @@ def test_official_checkpoint_converts_and_loads_to_the_same_model(datasets_dir, 
 
 
 def test_bare_vit_checkpoint_gets_its_position_embedding_resampled():
-    from kmax_m2f.modeling.mmseg_checkpoint import convert_mmseg_state_dict
+    from kmax_m2f.systems.struct_token.checkpoint import convert_mmseg_state_dict
 
     _, model = _tiny_model()
     backbone = {k[len("backbone."):]: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
@@ -356,3 +361,12 @@ def test_checkpoint_of_another_model_is_refused_with_the_shapes(datasets_dir, tm
     assert result.returncode != 0
     assert "sem_seg_head.kernels: (1, 150, 4, 4) in the file, (1, 8, 4, 4) in the model" in result.stderr
     assert not (tmp_path / "out.pth").exists()
+
+
+def test_disagreeing_training_sizes_are_refused():
+    """The token grid, the ViT grid, the crop and the sliding window: one size, or a message."""
+    cfg = kmax_m2f.build_config(str(REPO / CONFIG), ["TEST.SLIDING_WINDOW.ENABLED", "True",
+                                                     "TEST.SLIDING_WINDOW.CROP_SIZE", "[48, 48]"])
+    with pytest.raises(ConfigError, match=r"MODEL\.STRUCT_TOKEN\.IMAGE_SIZE \[64, 64\].*"
+                                          r"TEST\.SLIDING_WINDOW\.CROP_SIZE \[48, 48\]: set them all alike"):
+        build_model(cfg)

@@ -527,7 +527,7 @@ def _depthwise_measure(args: argparse.Namespace) -> dict:
     import torch
     from torch import nn
 
-    from kmax_m2f.modeling.kmax_layers import DepthwiseConv2d
+    from kmax_m2f.systems.kmax_deeplab.layers import DepthwiseConv2d
 
     shape, module, autocast = args.measure
     batch, channels, height, width = (int(v) for v in shape.split("x"))

@@ -18,7 +18,7 @@ from detectron2.modeling import build_model
 
 import kmax_m2f
 from kmax_m2f.config import ConfigError
-from kmax_m2f.modeling.mmseg_checkpoint import convert_mmseg_state_dict
+from kmax_m2f.systems.struct_token.checkpoint import convert_mmseg_state_dict
 
 logger = logging.getLogger("kmax_m2f.convert_structtoken")
 

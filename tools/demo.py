@@ -15,8 +15,6 @@ import logging
 import os
 import sys
 
-import numpy as np
-import torch
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
@@ -44,17 +42,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def predict_with_clusters(predictor: DefaultPredictor, image_bgr: np.ndarray) -> dict:
-    """``predictor(image_bgr)`` (same resize and colour order) plus the kMaX model's
-    "cluster_assignments"."""
-    image = image_bgr[:, :, ::-1] if predictor.input_format == "RGB" else image_bgr
-    height, width = image.shape[:2]
-    image = predictor.aug.get_transform(image).apply_image(image)
-    inputs = {"image": torch.as_tensor(image.astype("float32").transpose(2, 0, 1)), "height": height, "width": width}
-    with torch.no_grad():
-        return predictor.model.inference([inputs], return_cluster_assignments=True)[0]
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logger(name="kmax_m2f")
@@ -69,11 +56,13 @@ def main(argv=None) -> int:
     datasets = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
     metadata = MetadataCatalog.get(datasets[0] if datasets else "__unused")
     predictor = DefaultPredictor(cfg)
-    if args.show_clusters and not hasattr(predictor.model, "cluster_stage_labels"):
-        sys.exit(
-            f"demo.py: --show-clusters needs a kMaX-DeepLab model (MODEL.META_ARCHITECTURE kMaXDeepLab), "
-            f"not {cfg.MODEL.META_ARCHITECTURE}"
-        )
+    if args.show_clusters:
+        if not hasattr(predictor.model, "return_cluster_assignments"):
+            sys.exit(
+                f"demo.py: --show-clusters needs a kMaX-DeepLab model (MODEL.META_ARCHITECTURE kMaXDeepLab), "
+                f"not {cfg.MODEL.META_ARCHITECTURE}"
+            )
+        predictor.model.return_cluster_assignments = True
     os.makedirs(args.output, exist_ok=True)
     for path in args.input:
         try:
@@ -83,7 +72,7 @@ def main(argv=None) -> int:
             sys.exit(f"demo.py: cannot read {path} as an image ({e})")
         if image_bgr.size == 0:
             sys.exit(f"demo.py: {path} is an empty image")
-        predictions = predict_with_clusters(predictor, image_bgr) if args.show_clusters else predictor(image_bgr)
+        predictions = predictor(image_bgr)
         drawing = draw_predictions(image_bgr[:, :, ::-1], predictions, metadata, args.confidence_threshold)
         stem = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0])
         Image.fromarray(drawing).save(stem + ".png")

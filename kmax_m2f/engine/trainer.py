@@ -1,17 +1,17 @@
 """The project's trainer: detectron2's DefaultTrainer with the pieces these models need."""
+import functools
 import logging
 import os
-import weakref
 from typing import Optional
+from unittest import mock
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer
+from detectron2.engine import defaults as detectron2_defaults
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -87,23 +87,13 @@ class Trainer(DefaultTrainer):
     DistributedDataParallel that also works on CPU."""
 
     def __init__(self, cfg: CfgNode):
-        # Same sequence as DefaultTrainer.__init__, except that the model is wrapped by our
-        # create_ddp_model (DefaultTrainer's cannot wrap a CPU model).
-        TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False)
-        self._trainer = build_train_loop(cfg, model, data_loader, optimizer)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        # DefaultTrainer.__init__ has no hook for two of its steps: its create_ddp_model cannot
+        # wrap a CPU model (it always passes device ids), and with SOLVER.AMP it builds an
+        # AMPTrainer, which needs CUDA. Both names are swapped for this module's while it runs.
+        with mock.patch.object(detectron2_defaults, "create_ddp_model", create_ddp_model), mock.patch.object(
+            detectron2_defaults, "AMPTrainer", functools.partial(build_train_loop, cfg)
+        ):
+            super().__init__(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:

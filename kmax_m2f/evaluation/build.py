@@ -4,6 +4,7 @@ from typing import Callable, Optional
 
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.evaluation import (
     CityscapesInstanceEvaluator,
     CityscapesSemSegEvaluator,
@@ -14,9 +15,9 @@ from detectron2.evaluation import (
     SemSegEvaluator,
 )
 
-logger = logging.getLogger(__name__)
+from ..modeling.meta_arch.mask_classification import INSTANCE, PANOPTIC, SEMANTIC
 
-SEMANTIC, INSTANCE, PANOPTIC = "semantic", "instance", "panoptic"
+logger = logging.getLogger(__name__)
 
 # evaluator_type -> {task: evaluator factory(dataset_name, output_dir)}.
 _EVALUATORS: dict[str, dict[str, Callable[[str, Optional[str]], DatasetEvaluator]]] = {
@@ -40,18 +41,12 @@ _EVALUATORS: dict[str, dict[str, Callable[[str, Optional[str]], DatasetEvaluator
     },
 }
 
-# Meta-architectures whose outputs are switched by MODEL.<namespace>.TEST.{SEMANTIC,INSTANCE,PANOPTIC}_ON.
-_TASK_FLAG_NAMESPACES = {"MaskFormer": "MASK_FORMER", "kMaXDeepLab": "KMAX_DEEPLAB"}
-
-
 def enabled_tasks(cfg: CfgNode) -> Optional[set[str]]:
-    """The tasks the configured model predicts at test time, or None when its meta-architecture
-    has no task switches (it is then evaluated on every task its dataset supports)."""
-    namespace = _TASK_FLAG_NAMESPACES.get(cfg.MODEL.META_ARCHITECTURE)
-    if namespace is None or namespace not in cfg.MODEL:
-        return None
-    flags = cfg.MODEL[namespace].TEST
-    return {task for task in (SEMANTIC, INSTANCE, PANOPTIC) if flags[f"{task.upper()}_ON"]}
+    """The tasks the configured model predicts at test time, as its meta-architecture declares
+    them (a classmethod ``output_tasks(cfg) -> set[str]``), or None when it declares none (it is
+    then evaluated on every task its dataset supports)."""
+    output_tasks = getattr(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), "output_tasks", None)
+    return None if output_tasks is None else set(output_tasks(cfg))
 
 
 def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:

@@ -1,7 +1,5 @@
-"""Models: backbones, pixel decoders, transformer decoders, matchers, criteria, meta-architectures.
-Importing this package registers them with detectron2's registries."""
+"""What the systems share: backbones, the Hungarian matcher, losses and set-criterion helpers,
+post-processing helpers, the mask-classification and sliding-window meta-architectures, position
+encodings. Importing this package registers the backbones and meta-architectures."""
 from . import backbone  # noqa: F401
-from . import heads  # noqa: F401
 from . import meta_arch  # noqa: F401
-from . import pixel_decoder  # noqa: F401
-from . import transformer_decoder  # noqa: F401

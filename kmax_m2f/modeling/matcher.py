@@ -13,7 +13,7 @@ from detectron2.projects.point_rend.point_features import point_sample
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from .criterion.losses import batch_dice_loss, batch_sigmoid_ce_loss
+from .losses import batch_dice_loss, batch_sigmoid_ce_loss
 from ..layers.precision import at_least_float32
 
 __all__ = ["CostFn", "HungarianMatcher"]

@@ -3,7 +3,6 @@ from .build import MAPPER_REGISTRY, build_mapper
 # Importing the mapper modules registers them.
 from . import (  # noqa: F401
     coco_lsj,
-    kmax_panoptic,
     mask_former_instance,
     mask_former_panoptic,
     mask_former_semantic,

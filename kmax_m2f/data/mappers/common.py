@@ -1,4 +1,4 @@
-"""What the Mask2Former-style training mappers share.
+"""What the Mask2Former-style training mappers share (and the helpers every mapper uses).
 
 Every mapper here does the same five steps; only how labels are read and turned into per-segment
 masks differs (semantic PNG, COCO-panoptic PNG, COCO instance annotations):

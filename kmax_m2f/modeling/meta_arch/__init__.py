@@ -1,5 +1,4 @@
-from .kmax_deeplab import kMaXDeepLab
-from .mask_former import MaskFormer
+from .mask_classification import MaskClassificationModel
 from .semantic import SlidingWindowSemanticSegmentor
 
-__all__ = ["MaskFormer", "SlidingWindowSemanticSegmentor", "kMaXDeepLab"]
+__all__ = ["MaskClassificationModel", "SlidingWindowSemanticSegmentor"]

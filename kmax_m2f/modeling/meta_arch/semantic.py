@@ -12,6 +12,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
 from .common import check_num_classes
+from .mask_classification import SEMANTIC
 
 __all__ = ["SlidingWindowSemanticSegmentor", "sliding_windows"]
 
@@ -38,6 +39,11 @@ class SlidingWindowSemanticSegmentor(SemanticSegmentor):
 
     Without a ``test_crop_size`` it is detectron2's model as it is.
     """
+
+    @classmethod
+    def output_tasks(cls, cfg) -> set[str]:
+        """Semantic segmentation only (what the evaluators are chosen for)."""
+        return {SEMANTIC}
 
     @configurable
     def __init__(

@@ -20,8 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...layers.ms_deform_attn import MSDeformAttn
-from ..position_encoding import PositionEmbeddingSine
 from ...layers.precision import at_least_float32
+from ...modeling.position_encoding import PositionEmbeddingSine
 
 # Mask2Former's transformer decoder always reads three scales.
 MASKFORMER_NUM_FEATURE_LEVELS = 3

@@ -17,12 +17,19 @@ from detectron2.utils.registry import Registry
 from torch import nn
 from torch.nn import functional as F
 
-from ..position_encoding import PositionEmbeddingSine
+from ...modeling.position_encoding import PositionEmbeddingSine
 
 TRANSFORMER_DECODER_REGISTRY = Registry("TRANSFORMER_MODULE")
-TRANSFORMER_DECODER_REGISTRY.__doc__ = """
-Transformer decoders of mask-classification models, built from
-``MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME`` as ``decoder(cfg, in_channels, mask_classification)``.
+TRANSFORMER_DECODER_REGISTRY.__doc__ = """Mask2Former's transformer decoders, named by
+MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME (the official registry's name and contract, so that
+decoders written for the official code register here unchanged).
+
+Contract: ``TRANSFORMER_DECODER_REGISTRY.get(name)(cfg, in_channels, mask_classification)``,
+``in_channels`` being the channels of the features MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE selects;
+the module's ``forward(features, mask_features, mask)`` takes the multi-scale features (a list of
+[B, C, H_l, W_l]), the per-pixel embeddings [B, D, H/4, W/4] and an optional padding mask, and
+returns {"pred_logits" [B, Q, K+1], "pred_masks" [B, Q, H/4, W/4], "aux_outputs": one such dict
+per intermediate prediction}.
 """
 
 

@@ -7,7 +7,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 
-from ..transformer_decoder import TRANSFORMER_DECODER_REGISTRY
+from .transformer_decoder import KMAX_DECODER_REGISTRY
 
 
 def build_kmax_pixel_decoder(cfg, input_shape: dict[str, ShapeSpec]) -> nn.Module:
@@ -55,7 +55,7 @@ class kMaXDeepLabHead(nn.Module):
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
             "pixel_decoder": build_kmax_pixel_decoder(cfg, input_shape),
             "loss_weight": cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT,
-            "transformer_predictor": TRANSFORMER_DECODER_REGISTRY.get(kmax.TRANS_DEC.NAME)(cfg, input_shape),
+            "transformer_predictor": KMAX_DECODER_REGISTRY.get(kmax.TRANS_DEC.NAME)(cfg, input_shape),
         }
 
     def forward(self, features: dict[str, torch.Tensor]) -> dict:

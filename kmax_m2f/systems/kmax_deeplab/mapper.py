@@ -34,11 +34,11 @@ from detectron2.structures import Instances
 from detectron2.utils.logger import log_every_n_seconds
 
 from ...config import ConfigError, fixed_image_size
-from ..datasets.checks import DatasetError
-from ..file_cache import DecodedFileCache
-from ..panoptic import VOID_ID, panoptic_ids, read_panoptic_png
-from .build import MAPPER_REGISTRY
-from .common import check_class_ids, check_label_size, flip_augmentations, image_to_tensor, read_image
+from ...data.datasets.checks import DatasetError
+from ...data.file_cache import DecodedFileCache
+from ...data.mappers import MAPPER_REGISTRY
+from ...data.mappers.common import check_class_ids, check_label_size, flip_augmentations, image_to_tensor, read_image
+from ...data.panoptic import VOID_ID, panoptic_ids, read_panoptic_png
 
 __all__ = ["KMaXPanopticDatasetMapper", "kmax_augmentations", "kmax_panoptic"]
 

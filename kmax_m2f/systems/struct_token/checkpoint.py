@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .backbone.vit import resize_pos_embed
+from ...modeling.backbone.vit import resize_pos_embed
 
 __all__ = ["convert_mmseg_state_dict"]
 

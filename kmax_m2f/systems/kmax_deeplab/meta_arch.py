@@ -1,29 +1,27 @@
 """kMaX-DeepLab meta-architecture: backbone -> kMaXDeepLabHead (pixel decoder + kMaX decoder) ->
 kMaX set criterion / panoptic, semantic and instance post-processing."""
-import logging
 import math
+from typing import Optional
 
 import torch
 from detectron2.config import configurable
-from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, build_sem_seg_head
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import ImageList, Instances
 from detectron2.utils.memory import retry_if_cuda_oom
-from torch import nn
 from torch.nn import functional as F
 
 from ...config import fixed_image_size
-from ..criterion import build_weight_dict
-from ..criterion.kmax import kMaXMatchingCost, kMaXSetCriterion
-from ..kmax_layers import tf_align_corners
-from ..matcher import HungarianMatcher
-from ..postprocess import kmax_instance_inference, kmax_panoptic_inference, kmax_semantic_inference
-from ..transformer_decoder.kmax import resize_aux_outputs
-from .common import check_num_classes, thing_ids, training_metadata
-from ...layers.precision import at_least_float32
+from ...modeling.matcher import HungarianMatcher
+from ...modeling.meta_arch.common import thing_ids
+from ...modeling.meta_arch.mask_classification import MaskClassificationModel
+from ...modeling.set_criterion import build_weight_dict
+from .criterion import kMaXMatchingCost, kMaXSetCriterion
+from .layers import tf_align_corners
+from .postprocess import instance_inference, panoptic_inference, semantic_inference
+from .transformer_decoder import resize_aux_outputs
 
 __all__ = ["kMaXDeepLab"]
 
-logger = logging.getLogger(__name__)
 
 # Queries upsampled to the image at once in inference: bounds the memory of the full-resolution
 # intermediate (128 masks at 1281 x 1281 would be 840 MB in float32).
@@ -71,7 +69,7 @@ def masks_to_image(mask_logits: torch.Tensor, real_size: tuple[int, int], padded
 
 
 @META_ARCH_REGISTRY.register()
-class kMaXDeepLab(nn.Module):
+class kMaXDeepLab(MaskClassificationModel):
     """k-means mask transformer: N cluster centres each predict a class (K + void) and a mask;
     masks compete through a softmax over clusters.
 
@@ -84,13 +82,12 @@ class kMaXDeepLab(nn.Module):
     segments_info), "sem_seg" [K, h, w] and/or "instances", per MODEL.KMAX_DEEPLAB.TEST.*_ON.
     """
 
+    config_namespace = "KMAX_DEEPLAB"
+
     @configurable
     def __init__(
         self,
         *,
-        backbone: Backbone,
-        sem_seg_head: nn.Module,
-        criterion: nn.Module,
         num_queries: int,
         pixel_confidence_threshold: float,
         class_threshold_thing: float,
@@ -98,17 +95,11 @@ class kMaXDeepLab(nn.Module):
         overlap_threshold: float,
         reorder_class_weight: float,
         reorder_mask_weight: float,
-        metadata,
-        pixel_mean: tuple[float, ...],
-        pixel_std: tuple[float, ...],
-        semantic_on: bool,
-        panoptic_on: bool,
-        instance_on: bool,
-        test_topk_per_image: int,
         input_shape: tuple[int, int],
         ignore_value: int = 255,
         channel_last_format: bool = False,
         deep_supervision: bool = True,
+        **kwargs,
     ):
         """
         Args:
@@ -116,14 +107,10 @@ class kMaXDeepLab(nn.Module):
             ignore_value: semantic label of void pixels in the targets.
             channel_last_format: run the backbone on channels-last tensors (faster on recent GPUs).
             deep_supervision: supervise every kMaX layer's prediction, not only the final one.
+            kwargs: :class:`MaskClassificationModel`'s arguments.
             Others: as the MODEL.KMAX_DEEPLAB.TEST keys they come from.
         """
-        super().__init__()
-        if not (semantic_on or instance_on or panoptic_on):
-            raise ValueError("MODEL.KMAX_DEEPLAB.TEST: switch on at least one of SEMANTIC_ON, INSTANCE_ON, PANOPTIC_ON")
-        self.backbone = backbone
-        self.sem_seg_head = sem_seg_head
-        self.criterion = criterion
+        super().__init__(**kwargs)
         self.num_queries = num_queries
         self.pixel_confidence_threshold = pixel_confidence_threshold
         self.class_threshold_thing = class_threshold_thing
@@ -131,26 +118,18 @@ class kMaXDeepLab(nn.Module):
         self.overlap_threshold = overlap_threshold
         self.reorder_class_weight = reorder_class_weight
         self.reorder_mask_weight = reorder_mask_weight
-        self.metadata = metadata
-        # Not persistent: official checkpoints do not store them.
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        self.semantic_on = semantic_on
-        self.panoptic_on = panoptic_on
-        self.instance_on = instance_on
-        self.test_topk_per_image = test_topk_per_image
         self.input_shape = tuple(input_shape)
         self.ignore_value = ignore_value
         self.channel_last_format = channel_last_format
         self.deep_supervision = deep_supervision
+        # tools/demo.py --show-clusters switches this on, so that detectron2's DefaultPredictor
+        # returns the cluster maps too (see :meth:`inference`).
+        self.return_cluster_assignments = False
 
     @classmethod
     def from_config(cls, cfg):
-        check_num_classes(cfg)
         kmax = cfg.MODEL.KMAX_DEEPLAB
-        backbone = build_backbone(cfg)
-        sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
-
+        args = cls.base_from_config(cfg)
         weights = {
             "loss_ce": kmax.CLASS_WEIGHT,
             "loss_mask": kmax.MASK_WEIGHT,
@@ -167,8 +146,8 @@ class kMaXDeepLab(nn.Module):
             losses.append("pixels")
         if kmax.AUX_SEMANTIC_WEIGHT > 0:
             losses.append("aux_semantic")
-        criterion = kMaXSetCriterion(
-            num_classes=sem_seg_head.num_classes,
+        args["criterion"] = kMaXSetCriterion(
+            num_classes=args["sem_seg_head"].num_classes,
             matcher=HungarianMatcher(cost_fn=kMaXMatchingCost(masking_void_pixel=kmax.MASKING_VOID_PIXEL)),
             weight_dict=weight_dict,
             eos_coef=kmax.NO_OBJECT_WEIGHT,
@@ -182,33 +161,20 @@ class kMaXDeepLab(nn.Module):
             ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
         )
         test = kmax.TEST
-        return {
-            "backbone": backbone,
-            "sem_seg_head": sem_seg_head,
-            "criterion": criterion,
-            "num_queries": kmax.TRANS_DEC.NUM_OBJECT_QUERIES,
-            "pixel_confidence_threshold": test.PIXEL_CONFIDENCE_THRESHOLD,
-            "class_threshold_thing": test.CLASS_THRESHOLD_THING,
-            "class_threshold_stuff": test.CLASS_THRESHOLD_STUFF,
-            "overlap_threshold": test.OVERLAP_THRESHOLD,
-            "reorder_class_weight": test.REORDER_CLASS_WEIGHT,
-            "reorder_mask_weight": test.REORDER_MASK_WEIGHT,
-            "metadata": training_metadata(cfg),
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
-            "semantic_on": test.SEMANTIC_ON,
-            "panoptic_on": test.PANOPTIC_ON,
-            "instance_on": test.INSTANCE_ON,
-            "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
-            "input_shape": fixed_image_size(cfg),
-            "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
-            "channel_last_format": kmax.CHANNEL_LAST_FORMAT,
-            "deep_supervision": kmax.DEEP_SUPERVISION,
-        }
-
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
+        args.update(
+            num_queries=kmax.TRANS_DEC.NUM_OBJECT_QUERIES,
+            pixel_confidence_threshold=test.PIXEL_CONFIDENCE_THRESHOLD,
+            class_threshold_thing=test.CLASS_THRESHOLD_THING,
+            class_threshold_stuff=test.CLASS_THRESHOLD_STUFF,
+            overlap_threshold=test.OVERLAP_THRESHOLD,
+            reorder_class_weight=test.REORDER_CLASS_WEIGHT,
+            reorder_mask_weight=test.REORDER_MASK_WEIGHT,
+            input_shape=fixed_image_size(cfg),
+            ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            channel_last_format=kmax.CHANNEL_LAST_FORMAT,
+            deep_supervision=kmax.DEEP_SUPERVISION,
+        )
+        return args
 
     def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
         """Normalise, zero the padded pixels the mapper marked, pad to the fixed input size.
@@ -219,7 +185,7 @@ class kMaXDeepLab(nn.Module):
         height, width = self.input_shape
         images, sizes = [], []
         for inputs in batched_inputs:
-            image = (inputs["image"].to(self.device) - self.pixel_mean) / self.pixel_std
+            image = self.normalize(inputs["image"])
             if "is_real_pixels" in inputs:
                 # The mapper's padding becomes 0 after normalisation, as the test-time padding.
                 image = image * inputs["is_real_pixels"].to(image)
@@ -237,33 +203,30 @@ class kMaXDeepLab(nn.Module):
     def forward(self, batched_inputs: list[dict]):
         if not self.training:
             return self.inference(batched_inputs)
-        if "instances" not in batched_inputs[0]:
-            raise ValueError(
-                "kMaX-DeepLab training needs 'instances' in each input: use INPUT.DATASET_MAPPER_NAME kmax_panoptic."
-            )
+        self.require_instances(batched_inputs, "kmax_panoptic")
         images = self.preprocess_image(batched_inputs)
         outputs = self.sem_seg_head(self.backbone(self._backbone_input(images)))
         targets = self.prepare_targets(batched_inputs, outputs["pred_masks"].shape[-2:])
         outputs["aux_outputs"] = resize_aux_outputs(outputs, outputs["pred_masks"].shape[-2:]) if self.deep_supervision else []
-        # The losses (softmax over clusters, sums over pixels) in float32 even under autocast.
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            outputs = _to_float32(outputs)
-            return self.criterion.weighted_losses(self.criterion(outputs, targets))
+        return self.criterion.weighted_losses(self.criterion(outputs, targets))
 
     def _backbone_input(self, images: ImageList) -> torch.Tensor:
         if self.channel_last_format:
             return images.tensor.to(memory_format=torch.channels_last)
         return images.tensor
 
-    def inference(self, batched_inputs: list[dict], return_cluster_assignments: bool = False) -> list[dict]:
+    def inference(self, batched_inputs: list[dict], return_cluster_assignments: Optional[bool] = None) -> list[dict]:
         """Predictions per image at its "height" x "width" (default: the input size).
 
         Args:
-            return_cluster_assignments: also return "cluster_assignments": for every kMaX layer and
+            return_cluster_assignments: (default: the ``return_cluster_assignments`` attribute,
+                which ``forward`` uses) also return "cluster_assignments": for every kMaX layer and
                 the final prediction, the [h_i, w_i] int64 map of each pixel's cluster (argmax over
                 the N mask logits) at that layer's stride, cropped to the image: the k-means
                 assignment the layer used (paper's Figure 4).
         """
+        if return_cluster_assignments is None:
+            return_cluster_assignments = self.return_cluster_assignments
         images = self.preprocess_image(batched_inputs)
         outputs = self.sem_seg_head(self.backbone(self._backbone_input(images)))
         padded_size = tuple(images.tensor.shape[-2:])
@@ -292,9 +255,9 @@ class kMaXDeepLab(nn.Module):
     def _postprocess(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> dict:
         result = {}
         if self.semantic_on:
-            result["sem_seg"] = retry_if_cuda_oom(kmax_semantic_inference)(mask_cls, mask_pred)
+            result["sem_seg"] = retry_if_cuda_oom(semantic_inference)(mask_cls, mask_pred)
         if self.panoptic_on:
-            result["panoptic_seg"] = retry_if_cuda_oom(kmax_panoptic_inference)(
+            result["panoptic_seg"] = retry_if_cuda_oom(panoptic_inference)(
                 mask_cls,
                 mask_pred,
                 thing_ids(self.metadata),
@@ -306,7 +269,7 @@ class kMaXDeepLab(nn.Module):
                 reorder_mask_weight=self.reorder_mask_weight,
             )
         if self.instance_on:
-            result["instances"] = retry_if_cuda_oom(kmax_instance_inference)(
+            result["instances"] = retry_if_cuda_oom(instance_inference)(
                 mask_cls,
                 mask_pred,
                 self.test_topk_per_image,
@@ -322,9 +285,7 @@ class kMaXDeepLab(nn.Module):
         targets = []
         for inputs in batched_inputs:
             instances: Instances = inputs["instances"].to(self.device)
-            masks = instances.gt_masks
-            if not isinstance(masks, torch.Tensor):
-                masks = masks.tensor  # BitMasks
+            masks = self.gt_masks(instances)
             if tuple(masks.shape[-2:]) != tuple(mask_size):
                 raise ValueError(
                     f"ground-truth masks of {tuple(masks.shape[-2:])} do not match the stride-4 predictions of "
@@ -351,8 +312,3 @@ def _assignment_map(mask_logits: torch.Tensor, real_size: tuple[int, int], padde
     cols = min(width, math.ceil(real_size[1] * width / padded_size[1]))
     return mask_logits[:, :rows, :cols].argmax(0)
 
-
-def _to_float32(outputs: dict) -> dict:
-    converted = {k: at_least_float32(v) if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
-    converted["aux_outputs"] = [{k: at_least_float32(v) for k, v in aux.items()} for aux in outputs["aux_outputs"]]
-    return converted

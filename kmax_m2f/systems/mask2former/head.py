@@ -9,8 +9,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 
-from ..pixel_decoder.msdeform import build_pixel_decoder
-from ..transformer_decoder.mask2former import build_transformer_decoder
+from .pixel_decoder import build_pixel_decoder
+from .transformer_decoder import build_transformer_decoder
 
 # MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE values that do not name a backbone feature.
 _PIXEL_DECODER_OUTPUTS = ("multi_scale_pixel_decoder", "transformer_encoder", "pixel_embedding")

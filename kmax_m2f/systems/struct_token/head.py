@@ -27,6 +27,7 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 from torchvision.ops import StochasticDepth
 
+from ...config import ConfigError
 from ...layers import LayerNorm2d
 
 __all__ = [
@@ -214,6 +215,27 @@ class ResBlock(nn.Module):
         return x + self.conv2(self.act(self.norm2(self.conv1(self.act(self.norm1(x))))))
 
 
+def check_crop_sizes(cfg: CfgNode) -> None:
+    """StructToken's recipe states its training size in up to four keys (the structure-token grid,
+    the ViT's position grid, the training crop, the sliding window); one that disagrees would
+    silently resample tokens or position embeddings at every step.
+
+    Raises:
+        ConfigError: naming every key and its size, when they are not all the same.
+    """
+    sizes = {"MODEL.STRUCT_TOKEN.IMAGE_SIZE": cfg.MODEL.STRUCT_TOKEN.IMAGE_SIZE}
+    if cfg.MODEL.BACKBONE.NAME == "D2VisionTransformer":
+        sizes["MODEL.VIT.IMG_SIZE"] = cfg.MODEL.VIT.IMG_SIZE
+    if cfg.INPUT.CROP.ENABLED and cfg.INPUT.CROP.TYPE == "absolute":
+        sizes["INPUT.CROP.SIZE"] = cfg.INPUT.CROP.SIZE
+    if cfg.TEST.SLIDING_WINDOW.ENABLED:
+        sizes["TEST.SLIDING_WINDOW.CROP_SIZE"] = cfg.TEST.SLIDING_WINDOW.CROP_SIZE
+    pairs = {key: tuple(size) if isinstance(size, (list, tuple)) else (size, size) for key, size in sizes.items()}
+    if len(set(pairs.values())) > 1:
+        listed = ", ".join(f"{key} {list(size)}" for key, size in pairs.items())
+        raise ConfigError(f"StructToken trains and tests at one size, but the config gives {listed}: set them all alike.")
+
+
 @SEM_SEG_HEADS_REGISTRY.register()
 class StructTokenHead(nn.Module):
     """StructToken head for detectron2's ``SemanticSegmentor``.
@@ -295,6 +317,7 @@ class StructTokenHead(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: CfgNode, input_shape: dict[str, ShapeSpec]) -> dict:
+        check_crop_sizes(cfg)
         st = cfg.MODEL.STRUCT_TOKEN
         in_feature = st.IN_FEATURE
         stride = input_shape[in_feature].stride if in_feature in input_shape else 1

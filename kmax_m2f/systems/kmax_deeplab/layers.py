@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import StochasticDepth
-from ..layers.precision import at_least_float32
+from ...layers.precision import at_least_float32
 
 __all__ = [
     "MAX_SPAN",

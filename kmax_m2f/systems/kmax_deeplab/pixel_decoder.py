@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from ...config import fixed_image_size
 from ...layers import LayerNorm2d
-from ..kmax_layers import BlockGroup, ConvBN, tf_align_corners
+from .layers import BlockGroup, ConvBN, tf_align_corners
 
 __all__ = ["ResizedFuse", "kMaXPixelDecoder", "kmax_feature_size"]
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .mask2former import Matcher, apply_loss_weights
 from ...layers.precision import at_least_float32
+from ...modeling.set_criterion import Matcher, apply_loss_weights
 
 __all__ = [
     "kMaXMatchingCost",
@@ -274,6 +274,10 @@ class kMaXSetCriterion(nn.Module):
         for name, out in [("outputs", final_outputs)] + [(f"aux_outputs[{i}]", o) for i, o in enumerate(aux_outputs)]:
             self._check_outputs(name, out, targets, final=out is final_outputs)
 
+        # Softmaxes over clusters and sums over pixels in float32 even under autocast: every
+        # output is promoted here, once, and autocast is off for the losses.
+        final_outputs = _promote(final_outputs)
+        aux_outputs = [_promote(aux) for aux in aux_outputs]
         device = final_outputs["pred_logits"].device
         with torch.autocast(device_type=device.type, enabled=False):
             dense = self._match(final_outputs, targets, with_semantic="aux_semantic" in self.losses)
@@ -290,14 +294,14 @@ class kMaXSetCriterion(nn.Module):
 
     def loss_labels(self, outputs: dict[str, Tensor], dense: _DenseTargets) -> dict[str, Tensor]:
         """PQ-style class term on "pred_logits" [B, N, K+1]."""
-        logits = at_least_float32(outputs["pred_logits"])
+        logits = outputs["pred_logits"]
         cross_entropy = F.cross_entropy(logits.transpose(1, 2), dense.classes, reduction="none")  # [B, N]
         alpha = torch.where(dense.classes == self.num_classes, 1 - _CLASS_LOSS_ALPHA, _CLASS_LOSS_ALPHA)
         return {"loss_ce": _mean_of_nonzero(cross_entropy * alpha * dense.class_loss_weight)}
 
     def loss_masks(self, outputs: dict[str, Tensor], dense: _DenseTargets) -> dict[str, Tensor]:
         """PQ-style dice term and mask-ID cross-entropy on "pred_masks" [B, N, H, W]."""
-        logits = at_least_float32(outputs["pred_masks"]).flatten(2)  # [B, N, L]
+        logits = outputs["pred_masks"].flatten(2)  # [B, N, L]
         targets = dense.masks.flatten(2)
         void = dense.void.flatten(1)  # [B, L]
 
@@ -317,7 +321,7 @@ class kMaXSetCriterion(nn.Module):
 
     def loss_pixels(self, outputs: dict[str, Tensor], dense: _DenseTargets) -> dict[str, Tensor]:
         """Pixel instance discrimination on "pixel_feature" [B, D, H, W]."""
-        features = at_least_float32(outputs["pixel_feature"]).flatten(2)  # [B, D, L]
+        features = outputs["pixel_feature"].flatten(2)  # [B, D, L]
         masks = dense.masks.flatten(2)  # [B, N, L]
         with torch.no_grad():
             index = _sample_pixels(
@@ -345,7 +349,7 @@ class kMaXSetCriterion(nn.Module):
     def loss_aux_semantic(self, outputs: dict[str, Tensor], dense: _DenseTargets) -> dict[str, Tensor]:
         """Cross-entropy of "aux_semantic_pred" [B, C, h, w] (C = K + 1 or K; a void channel is
         never a target) against the targets' "semantic_masks"."""
-        logits = at_least_float32(outputs["aux_semantic_pred"])
+        logits = outputs["aux_semantic_pred"]
         semantic, void, log_inverse_area = dense.semantic, dense.void, dense.log_inverse_area
         height = logits.shape[-2]
         if logits.shape[-2:] != semantic.shape[-2:]:
@@ -371,8 +375,8 @@ class kMaXSetCriterion(nn.Module):
         """Match ``outputs`` (one output, no "aux_outputs") to the targets and lay the result out
         per query and per pixel."""
         indices = self.matcher(outputs, targets)
-        mask_logits = at_least_float32(outputs["pred_masks"].detach())  # [B, N, H, W]
-        class_logits = at_least_float32(outputs["pred_logits"].detach())
+        mask_logits = outputs["pred_masks"].detach()  # [B, N, H, W]
+        class_logits = outputs["pred_logits"].detach()
         batch, num_queries, height, width = mask_logits.shape
         device = mask_logits.device
 
@@ -560,6 +564,10 @@ class kMaXSetCriterion(nn.Module):
             f"masking_void_pixel={self.masking_void_pixel}, ignore_value={self.ignore_value}, "
             f"weight_dict={self.weight_dict}"
         )
+
+
+def _promote(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: at_least_float32(v) if isinstance(v, Tensor) else v for k, v in outputs.items()}
 
 
 def _similarity_logsumexp(features: Tensor, temperature: float) -> Tensor:

@@ -1,85 +1,69 @@
 """MaskFormer meta-architecture (Mask2Former): backbone -> MaskFormerHead -> set criterion /
 semantic, panoptic and instance post-processing."""
-import logging
-from typing import Optional
 
 import torch
 from detectron2.config import configurable
-from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, build_sem_seg_head
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList, Instances
 from detectron2.utils.memory import retry_if_cuda_oom
-from torch import nn
 from torch.nn import functional as F
 
-from ..criterion import SetCriterion, build_weight_dict
-from ..matcher import HungarianMatcher
-from ..postprocess import instance_inference, panoptic_inference, semantic_inference
-from .common import check_num_classes, thing_ids, training_metadata
-
-logger = logging.getLogger(__name__)
+from ...modeling.matcher import HungarianMatcher
+from ...modeling.meta_arch.common import thing_ids
+from ...modeling.meta_arch.mask_classification import MaskClassificationModel
+from ...modeling.set_criterion import build_weight_dict
+from .criterion import SetCriterion
+from .postprocess import instance_inference, panoptic_inference, semantic_inference
 
 
 @META_ARCH_REGISTRY.register()
-class MaskFormer(nn.Module):
+class MaskFormer(MaskClassificationModel):
     """Mask classification: each of Q queries predicts a class (K + "no object") and a mask.
 
     Training input: detectron2 dicts with "image" [3, H, W] and "instances" (gt_classes [N],
     gt_masks [N, H, W]). Inference output per image: "sem_seg" [K, H, W], "panoptic_seg"
-    (ids [H, W], segments_info) and/or "instances", per the TEST.*_ON switches.
+    (ids [H, W], segments_info) and/or "instances", per the MODEL.MASK_FORMER.TEST.*_ON switches.
     """
+
+    config_namespace = "MASK_FORMER"
 
     @configurable
     def __init__(
         self,
         *,
-        backbone: Backbone,
-        sem_seg_head: nn.Module,
-        criterion: nn.Module,
         num_queries: int,
         object_mask_threshold: float,
         overlap_threshold: float,
-        metadata,
         size_divisibility: int,
         sem_seg_postprocess_before_inference: bool,
-        pixel_mean: tuple[float, ...],
-        pixel_std: tuple[float, ...],
-        semantic_on: bool,
-        panoptic_on: bool,
-        instance_on: bool,
-        test_topk_per_image: int,
         deep_supervision: bool = True,
+        **kwargs,
     ):
-        super().__init__()
-        self.backbone = backbone
-        self.sem_seg_head = sem_seg_head
-        self.criterion = criterion
+        """
+        Args:
+            num_queries: Q.
+            object_mask_threshold, overlap_threshold: panoptic inference thresholds.
+            size_divisibility: pad inputs to a multiple of this (< 0: the backbone's).
+            sem_seg_postprocess_before_inference: resize masks to the output size before
+                inference (panoptic and instance outputs need it).
+            deep_supervision: supervise every decoder layer's prediction.
+            kwargs: :class:`MaskClassificationModel`'s arguments.
+        """
+        super().__init__(**kwargs)
         self.num_queries = num_queries
         self.overlap_threshold = overlap_threshold
         self.object_mask_threshold = object_mask_threshold
-        self.metadata = metadata
         if size_divisibility < 0:
             size_divisibility = self.backbone.size_divisibility
         self.size_divisibility = size_divisibility
         self.sem_seg_postprocess_before_inference = sem_seg_postprocess_before_inference
-        # Not persistent: official checkpoints do not store them.
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        self.semantic_on = semantic_on
-        self.instance_on = instance_on
-        self.panoptic_on = panoptic_on
-        self.test_topk_per_image = test_topk_per_image
         self.deep_supervision = deep_supervision
-        if not (semantic_on or instance_on or panoptic_on):
-            raise ValueError("MODEL.MASK_FORMER.TEST: switch on at least one of SEMANTIC_ON, INSTANCE_ON, PANOPTIC_ON")
 
     @classmethod
     def from_config(cls, cfg):
-        check_num_classes(cfg)
         mf = cfg.MODEL.MASK_FORMER
-        backbone = build_backbone(cfg)
-        sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
-
+        args = cls.base_from_config(cfg)
         matcher = HungarianMatcher(
             cost_class=mf.CLASS_WEIGHT, cost_mask=mf.MASK_WEIGHT, cost_dice=mf.DICE_WEIGHT,
             num_points=mf.TRAIN_NUM_POINTS,
@@ -89,8 +73,8 @@ class MaskFormer(nn.Module):
             # One auxiliary prediction per decoder output but the last.
             num_aux_outputs=mf.DEC_LAYERS - 1 if mf.DEEP_SUPERVISION else 0,
         )
-        criterion = SetCriterion(
-            sem_seg_head.num_classes,
+        args["criterion"] = SetCriterion(
+            args["sem_seg_head"].num_classes,
             matcher=matcher,
             weight_dict=weight_dict,
             eos_coef=mf.NO_OBJECT_WEIGHT,
@@ -100,43 +84,26 @@ class MaskFormer(nn.Module):
             importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
         )
         test = mf.TEST
-        return {
-            "deep_supervision": mf.DEEP_SUPERVISION,
-            "backbone": backbone,
-            "sem_seg_head": sem_seg_head,
-            "criterion": criterion,
-            "num_queries": mf.NUM_OBJECT_QUERIES,
-            "object_mask_threshold": test.OBJECT_MASK_THRESHOLD,
-            "overlap_threshold": test.OVERLAP_THRESHOLD,
-            "metadata": training_metadata(cfg),
-            "size_divisibility": mf.SIZE_DIVISIBILITY,
+        args.update(
+            deep_supervision=mf.DEEP_SUPERVISION,
+            num_queries=mf.NUM_OBJECT_QUERIES,
+            object_mask_threshold=test.OBJECT_MASK_THRESHOLD,
+            overlap_threshold=test.OVERLAP_THRESHOLD,
+            size_divisibility=mf.SIZE_DIVISIBILITY,
             # Panoptic and instance results need masks at the input resolution first.
-            "sem_seg_postprocess_before_inference": (
+            sem_seg_postprocess_before_inference=(
                 test.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE or test.PANOPTIC_ON or test.INSTANCE_ON
             ),
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
-            "semantic_on": test.SEMANTIC_ON,
-            "instance_on": test.INSTANCE_ON,
-            "panoptic_on": test.PANOPTIC_ON,
-            "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
-        }
-
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
+        )
+        return args
 
     def forward(self, batched_inputs: list[dict]):
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = [self.normalize(x["image"]) for x in batched_inputs]
         images = ImageList.from_tensors(images, self.size_divisibility)
         outputs = self.sem_seg_head(self.backbone(images.tensor))
 
         if self.training:
-            if "instances" not in batched_inputs[0]:
-                raise ValueError(
-                    "MaskFormer training needs 'instances' in each input: use a mask_former_* or *_lsj "
-                    "INPUT.DATASET_MAPPER_NAME."
-                )
+            self.require_instances(batched_inputs, "mask_former_* or coco_*_lsj")
             targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images)
             if not self.deep_supervision:
                 outputs.pop("aux_outputs", None)
@@ -183,9 +150,7 @@ class MaskFormer(nn.Module):
         padded_height, padded_width = images.tensor.shape[-2:]
         prepared = []
         for instances in targets:
-            gt_masks = instances.gt_masks
-            if not isinstance(gt_masks, torch.Tensor):
-                gt_masks = gt_masks.tensor  # BitMasks from detectron2's own mappers
+            gt_masks = self.gt_masks(instances)
             padded = gt_masks.new_zeros((gt_masks.shape[0], padded_height, padded_width))
             padded[:, : gt_masks.shape[1], : gt_masks.shape[2]] = gt_masks
             prepared.append({"labels": instances.gt_classes, "masks": padded})
