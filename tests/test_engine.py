@@ -231,3 +231,56 @@ def test_evaluator_for_unknown_type_names_the_fix():
     MetadataCatalog.get("pytest_no_eval_type").set(evaluator_type="lvis_magic")
     with pytest.raises(ValueError, match="evaluator_type='lvis_magic'.*when registering it"):
         build_evaluator(kmax_m2f.build_config(), "pytest_no_eval_type")
+
+
+# --------------------------------------------------------------------------- kMaX's decay rule
+def _official_kmax_decay(model: nn.Module, weight_decay: float, weight_decay_norm: float,
+                         weight_decay_embed: float) -> dict[str, float]:
+    """Weight decay per parameter as the official kMaX trainer (bytedance/kmax-deeplab
+    train_net.py) assigns it, written out from its rules: norms WEIGHT_DECAY_NORM, embeddings
+    WEIGHT_DECAY_EMBED, then 0 for "_rpe" / "_cluster_centers" in the module's name and "bias" /
+    "gamma" in the parameter's."""
+    decay = {}
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            value = weight_decay
+            if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
+                value = weight_decay_norm
+            if isinstance(module, nn.Embedding):
+                value = weight_decay_embed
+            if "_rpe" in module_name or "_cluster_centers" in module_name or "bias" in param_name or "gamma" in param_name:
+                value = 0.0
+            decay[f"{module_name}.{param_name}"] = value
+    return decay
+
+
+def _decay_of(cfg) -> tuple[nn.Module, dict[str, float]]:
+    from detectron2.modeling import build_model
+
+    cfg.MODEL.DEVICE = "meta"
+    with torch.device("meta"):
+        model = build_model(cfg)
+    solver = cfg.SOLVER
+    groups = build_param_groups(model, solver.BASE_LR, solver.WEIGHT_DECAY, solver.WEIGHT_DECAY_NORM,
+                                solver.WEIGHT_DECAY_EMBED, solver.BACKBONE_MULTIPLIER, tuple(solver.WEIGHT_DECAY_EXCLUDE))
+    by_param = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    return model, {name: by_param[id(p)] for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("backbone_overrides", [[], ["MODEL.BACKBONE.NAME", "D2ConvNeXt"]], ids=["R50", "ConvNeXt-L"])
+def test_official_kmax_yamls_get_the_official_weight_decay(tmp_path, backbone_overrides):
+    from .conftest import REPO
+    from .test_kmax_backbones import OFFICIAL_COCO_R50
+
+    official_yaml = tmp_path / "kmax_r50.yaml"
+    official_yaml.write_text(OFFICIAL_COCO_R50)
+    model, decay = _decay_of(kmax_m2f.build_config(str(official_yaml), backbone_overrides))
+    official = _official_kmax_decay(model, 0.05, 0.0, 0.0)
+    assert decay == official
+    # What the rule is for: without it, an official YAML decayed these.
+    assert sum(1 for name, value in official.items() if value == 0 and name.endswith(".bias")) > 15
+    if backbone_overrides:
+        assert any(name.endswith(".gamma") and value == 0 for name, value in decay.items())
+
+    project_yaml = str(REPO / "configs/coco/panoptic-segmentation/kmax_r50.yaml")
+    assert _decay_of(kmax_m2f.build_config(project_yaml, backbone_overrides))[1] == decay

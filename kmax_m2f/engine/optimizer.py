@@ -37,9 +37,12 @@ def build_param_groups(
     - parameters of normalisation layers get ``weight_decay_norm``, of ``nn.Embedding``
       ``weight_decay_embed``;
     - parameters whose name contains one of ``no_decay_names`` (e.g. Swin's
-      ``relative_position_bias_table``, ``absolute_pos_embed``) get no weight decay.
+      ``relative_position_bias_table``, ``absolute_pos_embed``) get no weight decay, nor those whose
+      name contains one of the model's own ``no_weight_decay_keywords`` (a class attribute: the
+      rule of its official recipe, so that it does not depend on each YAML repeating it).
     A parameter shared by several modules is counted once.
     """
+    no_decay_names = tuple(no_decay_names) + tuple(getattr(model, "no_weight_decay_keywords", ()))
     seen: set[int] = set()
     groups = []
     for module_name, module in model.named_modules():
@@ -93,7 +96,7 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
         weight_decay_norm=solver.WEIGHT_DECAY_NORM,
         weight_decay_embed=solver.WEIGHT_DECAY_EMBED,
         backbone_multiplier=solver.BACKBONE_MULTIPLIER,
-        no_decay_names=tuple(solver.WEIGHT_DECAY_EXCLUDE),
+        no_decay_names=tuple(solver.WEIGHT_DECAY_EXCLUDE),  # plus the model's own (see above)
     )
     name = solver.OPTIMIZER.upper()
     if name == "SGD":

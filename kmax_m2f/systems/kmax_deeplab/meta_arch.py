@@ -83,6 +83,11 @@ class kMaXDeepLab(MaskClassificationModel):
     """
 
     config_namespace = "KMAX_DEEPLAB"
+    # The official trainer's rule: no weight decay on biases, ConvNeXt's layer scales ("gamma"),
+    # the axial attention's relative position encodings and the cluster centres (see
+    # kmax_m2f.engine.optimizer.build_param_groups). Norms and embeddings follow
+    # SOLVER.WEIGHT_DECAY_NORM / WEIGHT_DECAY_EMBED as for every model.
+    no_weight_decay_keywords = ("bias", "gamma", "_rpe", "_cluster_centers")
 
     @configurable
     def __init__(
