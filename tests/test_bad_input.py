@@ -104,3 +104,32 @@ def test_wrong_num_classes_stops_before_training(synthetic_prefix):
     ])
     with pytest.raises(ValueError, match=r"NUM_CLASSES=80.*has 8 classes.*NUM_CLASSES 8"):
         build_model(cfg)
+
+
+# --------------------------------------------------------------------------- untrained models
+TINY = "tests/configs/tiny_maskformer_panoptic.yaml"
+
+
+def test_demo_without_weights_refuses_unless_asked(datasets_dir, tmp_path):
+    image = str(datasets_dir / "synthetic" / "val" / "000001.jpg")
+    args = ["tools/demo.py", "--config-file", TINY, "--input", image, "--output", str(tmp_path)]
+    result = run_tool(args, datasets_dir, REPO, check=False)
+    assert result.returncode != 0
+    assert "MODEL.WEIGHTS is empty" in result.stderr and "--allow-random-weights" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "000001.png").exists()
+
+    result = run_tool(args + ["--allow-random-weights"], datasets_dir, REPO)
+    assert "untrained model (random weights)" in result.stdout + result.stderr
+    assert (tmp_path / "000001.png").is_file()
+
+
+def test_eval_only_without_weights_refuses_unless_asked(datasets_dir, tmp_path):
+    args = ["tools/train_net.py", "--config-file", TINY, "--eval-only", "OUTPUT_DIR", str(tmp_path)]
+    result = run_tool(args, datasets_dir, REPO, check=False)
+    assert result.returncode != 0
+    assert "--eval-only with an empty MODEL.WEIGHTS evaluates an untrained model" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    result = run_tool(args[:4] + ["--allow-random-weights"] + args[4:], datasets_dir, REPO)
+    assert "evaluates an untrained model (random weights)" in result.stdout + result.stderr
+    assert "copypaste: Task: panoptic_seg" in result.stdout + result.stderr

@@ -47,7 +47,8 @@ def test_train_eval_resume_demo_and_cluster_pictures(datasets_dir, tmp_path):
 def test_show_clusters_needs_a_kmax_model(datasets_dir, tmp_path):
     image = datasets_dir / "synthetic" / "val" / "000001.jpg"
     result = run_tool(["tools/demo.py", "--config-file", "tests/configs/tiny_maskformer_panoptic.yaml", "--input",
-                       str(image), "--output", str(tmp_path), "--show-clusters"], datasets_dir, REPO, check=False)
+                       str(image), "--output", str(tmp_path), "--show-clusters", "--allow-random-weights"],
+                      datasets_dir, REPO, check=False)
     assert result.returncode != 0 and "--show-clusters needs a kMaX-DeepLab model" in result.stderr
 
 

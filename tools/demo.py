@@ -38,6 +38,10 @@ def parse_args(argv=None):
         "--show-clusters", action="store_true",
         help="kMaX-DeepLab: also draw each decoder stage's pixel-to-cluster assignment (<name>_clusters.png)",
     )
+    parser.add_argument(
+        "--allow-random-weights", action="store_true",
+        help="draw with an untrained model when MODEL.WEIGHTS is empty, instead of refusing",
+    )
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser.parse_args(argv)
 
@@ -53,6 +57,14 @@ def main(argv=None) -> int:
     except ConfigError as e:
         sys.exit(f"demo.py: {e}")
     cfg.freeze()
+    if not cfg.MODEL.WEIGHTS:
+        untrained = "MODEL.WEIGHTS is empty, so the drawings would come from an untrained model (random weights)"
+        if not args.allow_random_weights:
+            sys.exit(
+                f"demo.py: {untrained}: add --opts MODEL.WEIGHTS path/to/model.pth, or --allow-random-weights "
+                "to draw anyway."
+            )
+        logger.warning("%s.", untrained)
     datasets = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
     metadata = MetadataCatalog.get(datasets[0] if datasets else "__unused")
     predictor = DefaultPredictor(cfg)

@@ -44,7 +44,16 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        if not cfg.MODEL.WEIGHTS and not (args.resume and checkpointer.has_checkpoint()):
+            untrained = "--eval-only with an empty MODEL.WEIGHTS evaluates an untrained model (random weights)"
+            if not args.allow_random_weights:
+                sys.exit(
+                    f"train_net.py: {untrained}: give MODEL.WEIGHTS path/to/model.pth (or --resume with a "
+                    "checkpoint in OUTPUT_DIR), or --allow-random-weights to evaluate it anyway."
+                )
+            logging.getLogger("kmax_m2f").warning("%s.", untrained)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
@@ -56,7 +65,12 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--allow-random-weights", action="store_true",
+        help="with --eval-only and no MODEL.WEIGHTS: evaluate the untrained model instead of refusing",
+    )
+    args = parser.parse_args()
     logging.getLogger(__name__).info("Command line arguments: %s", args)
     launch(
         main,
