@@ -133,3 +133,36 @@ def test_eval_only_without_weights_refuses_unless_asked(datasets_dir, tmp_path):
     result = run_tool(args[:4] + ["--allow-random-weights"] + args[4:], datasets_dir, REPO)
     assert "evaluates an untrained model (random weights)" in result.stdout + result.stderr
     assert "copypaste: Task: panoptic_seg" in result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- 16-bit images
+def _write_16_bit_png(path, height: int = 32, width: int = 48) -> np.ndarray:
+    """A 16-bit grey PNG whose values run from 0 to 65535 along the rows; returns the values."""
+    values = np.linspace(0, 65535, height * width).round().astype(np.uint16).reshape(height, width)
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I")
+    return values
+
+
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    from kmax_m2f.data.images import read_image, to_8_bit
+    from kmax_m2f.data.mappers.common import read_image as mapper_read_image
+
+    values = _write_16_bit_png(tmp_path / "grey16.png")
+    expected = np.rint(values / 257.0).astype(np.uint8)
+    for image in (read_image(str(tmp_path / "grey16.png"), format="BGR"),
+                  mapper_read_image({"file_name": str(tmp_path / "grey16.png"), "height": 32, "width": 48}, "RGB")):
+        assert image.shape == (32, 48, 3) and image.dtype == np.uint8
+        assert all(np.array_equal(image[..., c], expected) for c in range(3))  # detectron2's reader: all 255
+    # 32-bit integer and float grey images: scaled by the range their values fit.
+    assert np.asarray(to_8_bit(Image.fromarray(np.array([[0, 100, 255]], dtype=np.int32), mode="I"))).tolist() == [[0, 100, 255]]
+    assert np.asarray(to_8_bit(Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), mode="F"))).tolist() == [[0, 128, 255]]
+    assert to_8_bit(Image.new("RGB", (2, 2))).mode == "RGB"
+
+
+def test_demo_draws_a_16_bit_image(datasets_dir, tmp_path):
+    _write_16_bit_png(tmp_path / "grey16.png")
+    run_tool(["tools/demo.py", "--config-file", TINY, "--input", str(tmp_path / "grey16.png"), "--output",
+              str(tmp_path / "out"), "--allow-random-weights"], datasets_dir, REPO)
+    drawing = np.asarray(Image.open(tmp_path / "out" / "grey16.png"))
+    assert drawing.shape[:2] == (32, 48) and drawing.min() < 200  # not a white picture

@@ -12,6 +12,7 @@ from detectron2.utils.env import seed_all_rng
 import kmax_m2f
 from kmax_m2f.data import build_mapper
 from kmax_m2f.data.file_cache import MIB, DecodedFileCache
+from kmax_m2f.data.mappers import common as mapper_common
 
 NUM_CLASSES = 8  # synthetic categories
 
@@ -105,13 +106,17 @@ def test_cached_mapper_gives_the_same_samples_and_reads_each_file_once(
 ):
     records = DatasetCatalog.get(f"{synthetic_prefix}_{dataset_kind}_train")[:4]
     reads = []
-    decode = utils.read_image
 
-    def counting_read(path, *args, **kwargs):
-        reads.append(path)
-        return decode(path, *args, **kwargs)
+    def counting(read):
+        def counting_read(path, *args, **kwargs):
+            reads.append(path)
+            return read(path, *args, **kwargs)
 
-    monkeypatch.setattr(utils, "read_image", counting_read)
+        return counting_read
+
+    # Label files go through detectron2's reader, images through this package's (8-bit scaling).
+    monkeypatch.setattr(utils, "read_image", counting(utils.read_image))
+    monkeypatch.setattr(mapper_common, "read_image_file", counting(mapper_common.read_image_file))
     outputs = {}
     for cache_mb in (0, 64):
         mapper = build_mapper(mapper_cfg(synthetic_prefix, mapper_name, dataset_kind, cache_mb))

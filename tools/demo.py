@@ -16,13 +16,13 @@ import os
 import sys
 
 from detectron2.data import MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 from PIL import Image, UnidentifiedImageError
 
 import kmax_m2f
 from kmax_m2f.config import ConfigError
+from kmax_m2f.data.images import read_image
 from kmax_m2f.visualization import draw_cluster_assignments, draw_predictions
 
 logger = logging.getLogger("kmax_m2f.demo")
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     os.makedirs(args.output, exist_ok=True)
     for path in args.input:
         try:
-            # Grey, palette and RGBA files are converted to 3 channels here.
+            # Grey, palette and RGBA files are converted to 3 channels here, 16-bit ones scaled to 8 bits.
             image_bgr = read_image(path, format="BGR")
         except (UnidentifiedImageError, OSError) as e:
             sys.exit(f"demo.py: cannot read {path} as an image ({e})")

@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from ..datasets.checks import DatasetError
 from ..file_cache import NO_CACHE, DecodedFileCache
+from ..images import read_image as read_image_file
 from ...config import fixed_image_size
 
 logger = logging.getLogger(__name__)
@@ -121,10 +122,10 @@ def ignore_label_from_config(cfg: CfgNode) -> int:
 # ---------------------------------------------------------------------------------------------
 def read_image(record: dict, image_format: str, cache: DecodedFileCache = NO_CACHE) -> np.ndarray:
     """[H, W, C] image of ``record["file_name"]`` in ``image_format`` (detectron2's reader, which
-    converts grey, RGBA and palette images), checked against the record's width / height.
-    From ``cache`` (read-only) when it holds the file."""
+    converts grey, RGBA and palette images; 16-bit ones are scaled to 8 bits first), checked
+    against the record's width / height. From ``cache`` (read-only) when it holds the file."""
     path = record["file_name"]
-    image = cache.get(("image", path, image_format), lambda: utils.read_image(path, format=image_format))
+    image = cache.get(("image", path, image_format), lambda: read_image_file(path, format=image_format))
     utils.check_image_size(record, image)
     return image
 
