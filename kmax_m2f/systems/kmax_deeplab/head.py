@@ -2,11 +2,11 @@
 semantic-segmentation head (the official port's arrangement, so ``sem_seg_head.pixel_decoder.*`` /
 ``sem_seg_head.predictor.*`` checkpoint names carry over)."""
 import torch
-from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 
+from ...modeling.heads import PixelDecoderPredictorHead
 from .transformer_decoder import KMAX_DECODER_REGISTRY
 
 
@@ -24,27 +24,8 @@ def build_kmax_pixel_decoder(cfg, input_shape: dict[str, ShapeSpec]) -> nn.Modul
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class kMaXDeepLabHead(nn.Module):
-    @configurable
-    def __init__(
-        self,
-        input_shape: dict[str, ShapeSpec],
-        *,
-        num_classes: int,
-        pixel_decoder: nn.Module,
-        transformer_predictor: nn.Module,
-        loss_weight: float = 1.0,
-        ignore_value: int = -1,
-    ):
-        super().__init__()
-        ordered = sorted(input_shape.items(), key=lambda item: item[1].stride)
-        self.in_features = [name for name, _ in ordered]
-        self.ignore_value = ignore_value
-        self.common_stride = 4
-        self.loss_weight = loss_weight
-        self.pixel_decoder = pixel_decoder
-        self.predictor = transformer_predictor
-        self.num_classes = num_classes
+class kMaXDeepLabHead(PixelDecoderPredictorHead):
+    """kMaX's pixel decoder (MODEL.KMAX_DEEPLAB.PIXEL_DEC) and kMaX decoder (TRANS_DEC)."""
 
     @classmethod
     def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):

@@ -7,8 +7,8 @@ import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
-from torch import nn
 
+from ...modeling.heads import PixelDecoderPredictorHead
 from .pixel_decoder import build_pixel_decoder
 from .transformer_decoder import build_transformer_decoder
 
@@ -17,29 +17,16 @@ _PIXEL_DECODER_OUTPUTS = ("multi_scale_pixel_decoder", "transformer_encoder", "p
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class MaskFormerHead(nn.Module):
+class MaskFormerHead(PixelDecoderPredictorHead):
     @configurable
-    def __init__(
-        self,
-        input_shape: dict[str, ShapeSpec],
-        *,
-        num_classes: int,
-        pixel_decoder: nn.Module,
-        loss_weight: float = 1.0,
-        ignore_value: int = -1,
-        transformer_predictor: nn.Module,
-        transformer_in_feature: str,
-    ):
-        super().__init__()
-        ordered = sorted(input_shape.items(), key=lambda item: item[1].stride)
-        self.in_features = [name for name, _ in ordered]
-        self.ignore_value = ignore_value
-        self.common_stride = 4
-        self.loss_weight = loss_weight
-        self.pixel_decoder = pixel_decoder
-        self.predictor = transformer_predictor
+    def __init__(self, input_shape: dict[str, ShapeSpec], *, transformer_in_feature: str, **kwargs):
+        """
+        Args:
+            transformer_in_feature: what the predictor attends to (MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE).
+            kwargs: :class:`PixelDecoderPredictorHead`'s arguments.
+        """
+        super().__init__(input_shape, **kwargs)
         self.transformer_in_feature = transformer_in_feature
-        self.num_classes = num_classes
 
     @classmethod
     def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
