@@ -427,7 +427,7 @@ def _model_measure(args: argparse.Namespace) -> dict:
         return {"time_ms": _measure_time(step, args.device, args.repeats, args.warmup)}
     peak_mib, exact = _measure_peak_memory(step, args.device)
     # The whole process's peak too (model, optimizer state, activations): what a user's machine
-    # must hold, and how the official code's figures in shared/spec/baselines.md were taken.
+    # must hold.
     total_mib = torch.cuda.max_memory_allocated() / MIB if args.device == "cuda" else _peak_rss_bytes(exact) / MIB
     return {"peak_mib": peak_mib, "peak_total_mib": total_mib, "peak_is_exact": exact}
 
