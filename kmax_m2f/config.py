@@ -105,6 +105,13 @@ def build_config(config_file: str = "", opts: Optional[list[str]] = None) -> CN:
         except (KeyError, ValueError) as e:
             raise ConfigError(f"{config_file}: {e.args[0]}. {fix}") from e
     if opts:
+        flags = [opt for opt in opts if isinstance(opt, str) and opt.startswith("--")]
+        if flags:
+            # argparse hands everything after the first KEY to the overrides, tool options included.
+            raise ConfigError(
+                f"{flags} came after the KEY VALUE overrides, where they are read as config keys: put the "
+                f"tool's options first, e.g. --config-file FILE {' '.join(flags)} KEY VALUE ..."
+            )
         # yacs reports unknown override keys and odd-length lists with assertions.
         try:
             cfg.merge_from_list(list(opts))

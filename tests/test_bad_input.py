@@ -166,3 +166,11 @@ def test_demo_draws_a_16_bit_image(datasets_dir, tmp_path):
               str(tmp_path / "out"), "--allow-random-weights"], datasets_dir, REPO)
     drawing = np.asarray(Image.open(tmp_path / "out" / "grey16.png"))
     assert drawing.shape[:2] == (32, 48) and drawing.min() < 200  # not a white picture
+
+
+def test_tool_options_after_the_overrides_are_named(datasets_dir, tmp_path):
+    result = run_tool(["tools/train_net.py", "--config-file", TINY, "OUTPUT_DIR", str(tmp_path), "--resume"],
+                      datasets_dir, REPO, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "['--resume'] came after the KEY VALUE overrides" in result.stderr
+    assert "--config-file FILE --resume KEY VALUE" in result.stderr
