@@ -12,12 +12,14 @@ DEPS_STAMP := $(VENV)/.deps-installed
 EXT_STAMP := $(VENV)/.kmax_m2f-installed
 EXT_SOURCES := setup.py $(shell find kmax_m2f/layers/ms_deform_attn/csrc -type f 2>/dev/null)
 
-# make quickstart [MODEL=mask2former|kmax|structtoken]
+# make quickstart [MODEL=mask2former|kmax|structtoken|restr]
 MODEL ?= mask2former
 QUICKSTART_CONFIG_mask2former := configs/synthetic/panoptic-segmentation/maskformer2_R18_synthetic.yaml
 QUICKSTART_CONFIG_kmax := configs/synthetic/panoptic-segmentation/kmax_R18_synthetic.yaml
 QUICKSTART_CONFIG_structtoken := configs/synthetic/semantic-segmentation/structtoken_vit_synthetic.yaml
+QUICKSTART_CONFIG_restr := configs/synthetic/referring-segmentation/restr_vit_synthetic.yaml
 QUICKSTART_DEMO_FLAGS_kmax := --show-clusters
+QUICKSTART_DEMO_FLAGS_restr := --text "the blue stripes"
 QUICKSTART_CONFIG = $(QUICKSTART_CONFIG_$(MODEL))
 QUICKSTART_OUT = output/quickstart/$(MODEL)
 
@@ -53,11 +55,12 @@ test: setup
 	$(PY) -m pytest tests
 
 # Generate the synthetic set, train the small Mask2Former (or kMaX-DeepLab: MODEL=kmax; StructToken,
-# semantic only: MODEL=structtoken) on CPU (about 10 minutes), evaluate it (PQ / mIoU / AP) and draw
-# the results of 4 validation images to output/quickstart/$(MODEL)/demo (kMaX: with the cluster
-# assignments of every stage).
+# semantic only: MODEL=structtoken; ReSTR, referring segmentation: MODEL=restr) on CPU (about 10
+# minutes), evaluate it (PQ / mIoU / AP; ReSTR: oIoU / mIoU / Prec@X) and draw the results of 4
+# validation images to output/quickstart/$(MODEL)/demo (kMaX: with the cluster assignments of every
+# stage; ReSTR: the mask of "the blue stripes").
 quickstart: setup
-	@test -n "$(QUICKSTART_CONFIG)" || { echo "MODEL must be mask2former, kmax or structtoken, got '$(MODEL)'"; exit 2; }
+	@test -n "$(QUICKSTART_CONFIG)" || { echo "MODEL must be mask2former, kmax, structtoken or restr, got '$(MODEL)'"; exit 2; }
 	$(PY) datasets/prepare_synthetic.py
 	$(PY) tools/train_net.py --config-file $(QUICKSTART_CONFIG) OUTPUT_DIR $(QUICKSTART_OUT)
 	$(PY) tools/demo.py --config-file $(QUICKSTART_CONFIG) --output $(QUICKSTART_OUT)/demo $(QUICKSTART_DEMO_FLAGS_$(MODEL)) \

@@ -12,7 +12,8 @@ def draw_predictions(
 
     Args:
         image_rgb: [H, W, 3] uint8 RGB.
-        predictions: a model output dict ("panoptic_seg", "instances" and/or "sem_seg").
+        predictions: a model output dict ("panoptic_seg", "instances" and/or "sem_seg"; or a
+            referring model's "ref_mask", drawn with its "sentence" when given).
         instance_score_threshold: instances below this score are not drawn.
 
     Returns:
@@ -27,6 +28,9 @@ def draw_predictions(
         drawing = visualizer.draw_instance_predictions(instances[instances.scores >= instance_score_threshold])
     elif "sem_seg" in predictions:
         drawing = visualizer.draw_sem_seg(predictions["sem_seg"].argmax(dim=0).to(torch.device("cpu")))
+    elif "ref_mask" in predictions:
+        mask = predictions["ref_mask"].to("cpu").numpy()
+        drawing = visualizer.draw_binary_mask(mask, color="red", edge_color="yellow", text=predictions.get("sentence"))
     else:
         raise ValueError(f"nothing to draw: predictions have keys {sorted(predictions)}")
     return drawing.get_image()

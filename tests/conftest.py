@@ -51,3 +51,15 @@ def backbone_cfg(backbone_name: str, namespace: str, **keys):
     for key, value in keys.items():
         setattr(cfg.MODEL[namespace], key, value)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def refer_datasets_dir(tmp_path_factory) -> Path:
+    """A $DETECTRON2_DATASETS folder with the small synthetic set and its referring set
+    (``synthetic/refer``: refs, instances.json, vocabulary.txt), as datasets/prepare_synthetic.py
+    writes them."""
+    root = tmp_path_factory.mktemp("refer_datasets")
+    args = ["--root", str(root / "synthetic"), "--num-train", "16", "--num-val", "4", "--size", "64"]
+    subprocess.run([sys.executable, str(REPO / "datasets" / "prepare_synthetic.py"), *args], check=True,
+                   capture_output=True)
+    return root

@@ -4,6 +4,7 @@
     python tools/benchmark.py ms_deform_attn [--device cpu|cuda] [--repeats N] [--threads T]
     python tools/benchmark.py mask2former [--device cpu|cuda] [--repeats N] [--threads T]
     python tools/benchmark.py kmax [--device cpu|cuda] [--repeats N] [--threads T]
+    python tools/benchmark.py restr [--device cpu|cuda] [--repeats N] [--threads T]
     python tools/benchmark.py optimizer [--repeats N] [--threads T]
     python tools/benchmark.py depthwise [--repeats N] [--threads T]
 
@@ -328,6 +329,10 @@ MASK2FORMER_R50 = "configs/coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.
 MASK2FORMER_SYNTHETIC = "configs/synthetic/panoptic-segmentation/maskformer2_R18_synthetic.yaml"
 KMAX_R50 = "configs/coco/panoptic-segmentation/kmax_r50.yaml"
 KMAX_SYNTHETIC = "configs/synthetic/panoptic-segmentation/kmax_R18_synthetic.yaml"
+RESTR_VIT_B = "configs/refer/restr_vit_base_refcoco_unc.yaml"
+RESTR_SYNTHETIC = "configs/synthetic/referring-segmentation/restr_vit_synthetic.yaml"
+# The official RefCOCO / RefCOCO+ / G-Ref vocabulary size: the word-embedding table measured.
+RESTR_VOCABULARY_SIZE = 12112
 
 # (label, config, mode, height, width, batch). kMaX is built for its input size (INPUT.IMAGE_SIZE
 # is set to the measured size); its training inputs carry stride-4 ground truth like its mapper's.
@@ -345,8 +350,13 @@ MODEL_CASES = {
         ("R50 training step, AdamW", KMAX_R50, "train", 641, 641, 1),
         ("synthetic R18 training step", KMAX_SYNTHETIC, "train", 128, 128, 8),
     ],
+    "restr": [
+        ("ViT-B/16 inference", RESTR_VIT_B, "inference", 480, 480, 1),
+        ("ViT-B/16 training step, AdamW", RESTR_VIT_B, "train", 480, 480, 2),
+        ("synthetic ViT training step", RESTR_SYNTHETIC, "train", 256, 256, 8),
+    ],
 }
-MODEL_TITLES = {"mask2former": "Mask2Former", "kmax": "kMaX-DeepLab"}
+MODEL_TITLES = {"mask2former": "Mask2Former", "kmax": "kMaX-DeepLab", "restr": "ReSTR"}
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -386,6 +396,38 @@ def _model_batch(
     return inputs
 
 
+def _restr_batch(size: int, batch: int, with_targets: bool) -> list[dict]:
+    """Random square images with a 20-word sentence each (the token limit, all <unk>: the cost
+    does not depend on the words) and, for training, a random rectangular target mask."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for _ in range(batch):
+        record = {"image": torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator),
+                  "sentence": " ".join(["word"] * 20), "image_box": (0, 0, size, size), "height": size, "width": size}
+        if with_targets:
+            mask = torch.zeros(size, size, dtype=torch.uint8)
+            y0, x0 = (int(v) for v in torch.randint(0, size // 2, (2,), generator=generator))
+            mask[y0 : y0 + size // 3, x0 : x0 + size // 3] = 1
+            record["ref_mask"] = mask
+        inputs.append(record)
+    return inputs
+
+
+def _restr_opts() -> list[str]:
+    """A vocabulary of the official size in a temporary file, and random word vectors (no GloVe
+    file needed to measure)."""
+    import atexit
+    import tempfile
+
+    vocabulary = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
+    atexit.register(os.unlink, vocabulary.name)
+    vocabulary.write("\n".join(["<pad>", "<unk>"] + [f"w{i}" for i in range(RESTR_VOCABULARY_SIZE - 2)]) + "\n")
+    vocabulary.close()
+    return ["MODEL.RESTR.LANGUAGE.VOCABULARY", vocabulary.name, "MODEL.RESTR.LANGUAGE.WORD_VECTORS", ""]
+
+
 def _build_measured_model(args: argparse.Namespace, config: str, opts: list[str]) -> tuple:
     """(cfg, model) of ``config`` with random weights on ``args.device``."""
     from detectron2.modeling import build_model
@@ -404,8 +446,13 @@ def _model_measure(args: argparse.Namespace) -> dict:
     config, mode, height, width, batch, metric = args.measure
     height, width, batch = int(height), int(width), int(batch)
     kmax = args.benchmark == "kmax"
-    cfg, model = _build_measured_model(args, config, ["INPUT.IMAGE_SIZE", f"[{height}, {width}]"] if kmax else [])
-    inputs = _model_batch(height, width, batch, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, mode == "train", 4 if kmax else 1)
+    if args.benchmark == "restr":
+        cfg, model = _build_measured_model(args, config, _restr_opts())
+        inputs = _restr_batch(height, batch, mode == "train")
+    else:
+        cfg, model = _build_measured_model(args, config, ["INPUT.IMAGE_SIZE", f"[{height}, {width}]"] if kmax else [])
+        inputs = _model_batch(height, width, batch, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, mode == "train",
+                              4 if kmax else 1)
     if mode == "inference":
         model.eval()
 
@@ -583,6 +630,11 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     ),
     "kmax": (
         "kMaX-DeepLab: inference latency and training step (R50 at 641 / 1281, synthetic R18)",
+        _model_args,
+        _model_run,
+    ),
+    "restr": (
+        "ReSTR: ViT-B/16 inference at 480x480 and training step (batch 2), synthetic training step",
         _model_args,
         _model_run,
     ),

@@ -14,10 +14,10 @@ import logging
 import sys
 
 import torch
-from detectron2.modeling import build_model
 
 import kmax_m2f
 from kmax_m2f.config import ConfigError
+from kmax_m2f.converted_weights import WeightsMismatch, save_converted
 from kmax_m2f.systems.struct_token.checkpoint import convert_mmseg_state_dict
 
 logger = logging.getLogger("kmax_m2f.convert_structtoken")
@@ -45,24 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         sys.exit(f"convert_structtoken.py: {args.input}: {e}")
 
-    expected = build_model(cfg).state_dict()
-    unexpected = sorted(set(converted) - set(expected))
-    mismatched = sorted(k for k in converted if k in expected and converted[k].shape != expected[k].shape)
-    if unexpected or mismatched:
-        details = [f"  not in the model: {k}" for k in unexpected[:10]]
-        details += [f"  {k}: {tuple(converted[k].shape)} in the file, {tuple(expected[k].shape)} in the model"
-                    for k in mismatched[:10]]
-        sys.exit(
-            f"convert_structtoken.py: {args.input} does not fit the model of {args.config_file} "
-            f"({len(unexpected)} unknown keys, {len(mismatched)} shape mismatches; is it the right size / "
-            f"head / class count?):\n" + "\n".join(details)
-        )
-    missing = sorted(set(expected) - set(converted))
-    if missing:
-        logger.info("%d model keys are not in the file and keep their initialisation, e.g. %s",
-                    len(missing), ", ".join(missing[:5]))
-    torch.save({"model": converted, "__author__": "kmax_m2f tools/convert_structtoken.py"}, args.output)
-    logger.info("Wrote %d tensors to %s", len(converted), args.output)
+    try:
+        save_converted(converted, cfg, args.output, "kmax_m2f tools/convert_structtoken.py")
+    except WeightsMismatch as e:
+        sys.exit(f"convert_structtoken.py: {args.input} does not fit the model of {args.config_file}: {e}")
     return 0
 
 

@@ -7,6 +7,11 @@
 With --show-clusters (kMaX-DeepLab models), ``<name>_clusters.png`` is written next to
 ``<name>.png``: the pixel-to-cluster assignment of every kMaX decoder stage, side by side.
 
+Referring models (ReSTR) take the sentence with --text and draw the mask it refers to:
+
+    python tools/demo.py --config-file configs/synthetic/referring-segmentation/restr_vit_synthetic.yaml \
+        --input a.jpg --text "the red circle on the left" --output out/ --opts MODEL.WEIGHTS model.pth
+
 Works on CPU and GPU (MODEL.DEVICE). Class names and colours come from the metadata of the first
 test dataset (DATASETS.TEST), else the first training dataset.
 """
@@ -19,10 +24,12 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 from PIL import Image, UnidentifiedImageError
+import torch
 
 import kmax_m2f
 from kmax_m2f.config import ConfigError
 from kmax_m2f.data.images import read_image
+from kmax_m2f.systems.restr import ReferringDatasetMapper
 from kmax_m2f.visualization import draw_cluster_assignments, draw_predictions
 
 logger = logging.getLogger("kmax_m2f.demo")
@@ -38,12 +45,31 @@ def parse_args(argv=None):
         "--show-clusters", action="store_true",
         help="kMaX-DeepLab: also draw each decoder stage's pixel-to-cluster assignment (<name>_clusters.png)",
     )
+    parser.add_argument("--text", help="referring models (ReSTR): the sentence that names the object to segment")
     parser.add_argument(
         "--allow-random-weights", action="store_true",
         help="draw with an untrained model when MODEL.WEIGHTS is empty, instead of refusing",
     )
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser.parse_args(argv)
+
+
+def predict_referring(predictor: DefaultPredictor, cfg, image_bgr, sentence: str) -> dict:
+    """The referring model's output for one image and sentence (the test-time ``refer`` mapping
+    on the in-memory image), with the sentence kept for the drawing."""
+    image = image_bgr[:, :, ::-1] if cfg.INPUT.FORMAT == "RGB" else image_bgr
+    try:
+        inputs = ReferringDatasetMapper(cfg, is_train=False).map_image(image, sentence)
+        with torch.no_grad():
+            predictions = predictor.model([inputs])[0]
+    except ValueError as e:
+        sys.exit(f"demo.py: {e}")
+    if predictions["num_unknown_words"]:
+        logger.warning(
+            "%d word(s) of %r are not in the model's vocabulary and are read as <unk>; the result may ignore them.",
+            predictions["num_unknown_words"], sentence,
+        )
+    return {**predictions, "sentence": sentence}
 
 
 def main(argv=None) -> int:
@@ -75,6 +101,12 @@ def main(argv=None) -> int:
                 f"not {cfg.MODEL.META_ARCHITECTURE}"
             )
         predictor.model.return_cluster_assignments = True
+    referring = "refer" in getattr(type(predictor.model), "output_tasks", lambda cfg: set())(cfg)
+    if referring != (args.text is not None):
+        sys.exit(
+            f"demo.py: {cfg.MODEL.META_ARCHITECTURE} is a referring model: give the sentence with --text \"...\""
+            if referring else f"demo.py: --text is for referring models (ReSTR), not {cfg.MODEL.META_ARCHITECTURE}"
+        )
     os.makedirs(args.output, exist_ok=True)
     for path in args.input:
         try:
@@ -84,7 +116,10 @@ def main(argv=None) -> int:
             sys.exit(f"demo.py: cannot read {path} as an image ({e})")
         if image_bgr.size == 0:
             sys.exit(f"demo.py: {path} is an empty image")
-        predictions = predictor(image_bgr)
+        if referring:
+            predictions = predict_referring(predictor, cfg, image_bgr, args.text)
+        else:
+            predictions = predictor(image_bgr)
         drawing = draw_predictions(image_bgr[:, :, ::-1], predictions, metadata, args.confidence_threshold)
         stem = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0])
         Image.fromarray(drawing).save(stem + ".png")

@@ -30,12 +30,14 @@ class TF2PolyParamScheduler(ParamScheduler):
 
 
 def tf2_warmup_poly_multiplier(
-    max_iter: int, warmup_iters: int, warmup_factor: float, warmup_method: str, power: float, constant_ending: float
+    max_iter: int, warmup_iters: int, warmup_factor: float, warmup_method: str, power: float, constant_ending: float,
+    poly_after_warmup: bool = False,
 ) -> ParamScheduler:
     """deeplab2's schedule as a multiplier of the base lr: during warmup the warmup factor alone
     (rising linearly from ``warmup_factor`` to 1, or constant), then the poly decay of the whole
     run. detectron2's WarmupPolyLR differs: its warmup ramps to the decayed value, and it multiplies
-    the two."""
+    the two. With ``poly_after_warmup`` the decay spans only the iterations after warmup,
+    ``(1 - (it - warmup) / (max_iter - warmup)) ** power`` (ReSTR's official schedule)."""
     poly = TF2PolyParamScheduler(power, constant_ending)
     if warmup_iters <= 0:
         return poly
@@ -47,18 +49,22 @@ def tf2_warmup_poly_multiplier(
         raise ValueError(f"SOLVER.WARMUP_METHOD must be 'linear' or 'constant', got {warmup_method!r}")
     warmup_length = min(warmup_iters / max_iter, 1.0)
     return CompositeParamScheduler(
-        [warmup, poly], interval_scaling=["rescaled", "fixed"], lengths=[warmup_length, 1.0 - warmup_length]
+        [warmup, poly],
+        interval_scaling=["rescaled", "rescaled" if poly_after_warmup else "fixed"],
+        lengths=[warmup_length, 1.0 - warmup_length],
     )
 
 
 def build_lr_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """``SOLVER.LR_SCHEDULER_NAME``: TF2WarmupPolyLR, or any of detectron2's (WarmupMultiStepLR,
-    WarmupCosineLR, WarmupStepWithFixedGammaLR) and its DeepLab project's (WarmupPolyLR)."""
+    """``SOLVER.LR_SCHEDULER_NAME``: TF2WarmupPolyLR, WarmupThenPolyLR (the decay starts after the
+    warmup: ReSTR's), or any of detectron2's (WarmupMultiStepLR, WarmupCosineLR,
+    WarmupStepWithFixedGammaLR) and its DeepLab project's (WarmupPolyLR)."""
     solver = cfg.SOLVER
-    if solver.LR_SCHEDULER_NAME == "TF2WarmupPolyLR":
+    if solver.LR_SCHEDULER_NAME in ("TF2WarmupPolyLR", "WarmupThenPolyLR"):
         multiplier = tf2_warmup_poly_multiplier(
             solver.MAX_ITER, solver.WARMUP_ITERS, solver.WARMUP_FACTOR, solver.WARMUP_METHOD,
             solver.POLY_LR_POWER, solver.POLY_LR_CONSTANT_ENDING,
+            poly_after_warmup=solver.LR_SCHEDULER_NAME == "WarmupThenPolyLR",
         )
         return LRMultiplier(optimizer, multiplier=multiplier, max_iter=solver.MAX_ITER)
     return build_deeplab_lr_scheduler(cfg, optimizer)

@@ -33,7 +33,9 @@ def build_param_groups(
 ) -> list[dict[str, Any]]:
     """One group per distinct (lr, weight_decay), detectron2-style.
 
-    - parameters under a top-level ``backbone`` module get ``base_lr * backbone_multiplier``;
+    - parameters under a top-level ``backbone`` module (or the modules the model names in its
+      attribute ``backbone_module_names``, e.g. ReSTR's official ``encoder_v``) get
+      ``base_lr * backbone_multiplier``;
     - parameters of normalisation layers get ``weight_decay_norm``, of ``nn.Embedding``
       ``weight_decay_embed``;
     - parameters whose name contains one of ``no_decay_names`` (e.g. Swin's
@@ -43,6 +45,7 @@ def build_param_groups(
     A parameter shared by several modules is counted once.
     """
     no_decay_names = tuple(no_decay_names) + tuple(getattr(model, "no_weight_decay_keywords", ()))
+    backbone_names = tuple(getattr(model, "backbone_module_names", ("backbone",)))
     seen: set[int] = set()
     groups = []
     for module_name, module in model.named_modules():
@@ -51,7 +54,7 @@ def build_param_groups(
                 continue
             seen.add(id(param))
             lr, decay = base_lr, weight_decay
-            if module_name == "backbone" or module_name.startswith("backbone."):
+            if module_name.split(".")[0] in backbone_names:
                 lr *= backbone_multiplier
             if isinstance(module, NORM_MODULE_TYPES):
                 decay = weight_decay_norm

@@ -7,7 +7,7 @@ from unittest import mock
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import build_detection_train_loader
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer
 from detectron2.engine import defaults as detectron2_defaults
 from detectron2.evaluation import DatasetEvaluator
@@ -15,7 +15,7 @@ from detectron2.utils import comm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..data import build_mapper
+from ..data import build_mapper, build_test_mapper
 from ..evaluation import build_evaluator
 from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_optimizer
@@ -104,6 +104,10 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
         return build_detection_train_loader(cfg, mapper=build_mapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        return build_detection_test_loader(cfg, dataset_name, mapper=build_test_mapper(cfg))
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:

@@ -16,8 +16,11 @@ from detectron2.evaluation import (
 )
 
 from ..modeling.meta_arch.mask_classification import INSTANCE, PANOPTIC, SEMANTIC
+from .referring import ReferringEvaluator
 
 logger = logging.getLogger(__name__)
+
+REFER = "refer"  # referring segmentation (ReSTR)
 
 # evaluator_type -> {task: evaluator factory(dataset_name, output_dir)}.
 _EVALUATORS: dict[str, dict[str, Callable[[str, Optional[str]], DatasetEvaluator]]] = {
@@ -32,6 +35,7 @@ _EVALUATORS: dict[str, dict[str, Callable[[str, Optional[str]], DatasetEvaluator
         PANOPTIC: lambda name, out: COCOPanopticEvaluator(name, out),
         SEMANTIC: lambda name, out: SemSegEvaluator(name, distributed=True, output_dir=out),
     },
+    "refer": {REFER: lambda name, out: ReferringEvaluator(name)},
     "cityscapes_sem_seg": {SEMANTIC: lambda name, out: CityscapesSemSegEvaluator(name)},
     "cityscapes_instance": {INSTANCE: lambda name, out: CityscapesInstanceEvaluator(name)},
     "cityscapes_panoptic_seg": {
@@ -64,7 +68,7 @@ def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: Optional[str
     tasks = enabled_tasks(cfg)
     if tasks is None or len(by_task) == 1:
         tasks = set(by_task)
-    selected = [task for task in (PANOPTIC, INSTANCE, SEMANTIC) if task in tasks and task in by_task]
+    selected = [task for task in (PANOPTIC, INSTANCE, SEMANTIC, REFER) if task in tasks and task in by_task]
     if not selected:
         raise ValueError(
             f"The model predicts {sorted(tasks)}, but dataset '{dataset_name}' ({evaluator_type}) can "

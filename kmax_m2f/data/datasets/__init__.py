@@ -3,3 +3,4 @@ from . import synthetic  # noqa: F401
 from . import register_ade20k_instance  # noqa: F401
 from . import register_ade20k_panoptic  # noqa: F401
 from . import register_coco_panoptic_annos_semseg  # noqa: F401
+from . import refer  # noqa: F401

@@ -1,5 +1,5 @@
 """Dataset mappers (catalog dict -> model input), chosen by name with ``INPUT.DATASET_MAPPER_NAME``."""
-from .build import MAPPER_REGISTRY, build_mapper
+from .build import MAPPER_REGISTRY, build_mapper, build_test_mapper
 # Importing the mapper modules registers them.
 from . import (  # noqa: F401
     coco_lsj,
@@ -8,4 +8,4 @@ from . import (  # noqa: F401
     mask_former_semantic,
 )
 
-__all__ = ["MAPPER_REGISTRY", "build_mapper"]
+__all__ = ["MAPPER_REGISTRY", "build_mapper", "build_test_mapper"]

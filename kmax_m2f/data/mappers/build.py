@@ -1,4 +1,4 @@
-from typing import Callable
+from typing import Callable, Optional
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetMapper
@@ -8,7 +8,9 @@ MAPPER_REGISTRY = Registry("DATASET_MAPPER")
 MAPPER_REGISTRY.__doc__ = """
 Training-time dataset mappers, registered under the name ``INPUT.DATASET_MAPPER_NAME`` uses
 (official names such as ``mask_former_semantic``): ``MAPPER_REGISTRY.get(name)(cfg, is_train)``
-returns a callable that maps one catalog record to the model's input dict.
+returns a callable that maps one catalog record to the model's input dict. A mapper that also
+prepares test data (its model needs more than detectron2's test-time resize, e.g. a sentence)
+sets the attribute ``maps_test_data = True`` on its registered function.
 """
 
 
@@ -27,3 +29,12 @@ def build_mapper(cfg: CfgNode, is_train: bool = True) -> Callable[[dict], dict]:
             f"{sorted(k for k, _ in MAPPER_REGISTRY)}."
         )
     return MAPPER_REGISTRY.get(name)(cfg, is_train)
+
+
+def build_test_mapper(cfg: CfgNode) -> Optional[Callable[[dict], dict]]:
+    """The named mapper in test mode when it prepares test data (``maps_test_data``), else None
+    (detectron2's default test mapper)."""
+    name = cfg.INPUT.DATASET_MAPPER_NAME
+    if name in MAPPER_REGISTRY and getattr(MAPPER_REGISTRY.get(name), "maps_test_data", False):
+        return MAPPER_REGISTRY.get(name)(cfg, is_train=False)
+    return None
