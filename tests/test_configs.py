@@ -15,7 +15,8 @@ CONFIGS = REPO / "configs"
 ALL_YAMLS = sorted(p for p in CONFIGS.rglob("*.yaml") if "synthetic" not in p.relative_to(CONFIGS).parts)
 KMAX_YAMLS = [p for p in ALL_YAMLS if p.name.startswith("kmax_")]
 STRUCT_TOKEN_YAMLS = [p for p in ALL_YAMLS if "structtoken" in p.relative_to(CONFIGS).parts]
-YAMLS = [p for p in ALL_YAMLS if p not in KMAX_YAMLS and p not in STRUCT_TOKEN_YAMLS]
+RESTR_YAMLS = [p for p in ALL_YAMLS if p.relative_to(CONFIGS).parts[0] == "refer"]
+YAMLS = [p for p in ALL_YAMLS if p not in KMAX_YAMLS + STRUCT_TOKEN_YAMLS + RESTR_YAMLS]
 IDS = [str(p.relative_to(CONFIGS)) for p in YAMLS]
 
 MASK2FORMER_TREE = {
@@ -354,3 +355,22 @@ def test_struct_token_ade20k_recipes(stem):
     assert list(cfg.MODEL.PIXEL_MEAN) == ([127.5] * 3 if mean_127 else [123.675, 116.280, 103.530])
     assert cfg.INPUT.DATASET_MAPPER_NAME == "mask_former_semantic"
     assert cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA == 0.75
+
+
+@pytest.mark.parametrize("path", RESTR_YAMLS, ids=[p.name for p in RESTR_YAMLS])
+def test_restr_configs_have_the_official_recipe(path):
+    cfg = build_config(str(path))
+    assert cfg.MODEL.META_ARCHITECTURE == "ReSTR" and cfg.INPUT.DATASET_MAPPER_NAME == "refer"
+    assert cfg.INPUT.IMAGE_SIZE == 480 and cfg.MODEL.VIT.IMG_SIZE == [480, 480] and cfg.MODEL.VIT.FINAL_NORM
+    assert (cfg.MODEL.VIT.EMBED_DIM, cfg.MODEL.VIT.DEPTH, cfg.MODEL.VIT.DROP_PATH_RATE) == (768, 12, 0.1)
+    assert cfg.MODEL.PIXEL_MEAN == [127.5] * 3 and cfg.MODEL.PIXEL_STD == [127.5] * 3
+    assert cfg.MODEL.RESTR.LANGUAGE.NUM_LAYERS == 6 and cfg.MODEL.RESTR.FUSION.NUM_LAYERS == 2
+    assert cfg.MODEL.RESTR.PATCH_LOSS_WEIGHT == 0.1 and cfg.MODEL.RESTR.LANGUAGE.MAX_TOKENS == 20
+    solver = cfg.SOLVER
+    assert (solver.OPTIMIZER, solver.BASE_LR, solver.BACKBONE_MULTIPLIER) == ("ADAMW", 1e-5, 0.1)
+    assert solver.WEIGHT_DECAY == solver.WEIGHT_DECAY_NORM == solver.WEIGHT_DECAY_EMBED == 5e-4
+    assert (solver.IMS_PER_BATCH, solver.MAX_ITER, solver.WARMUP_ITERS) == (8, 400000, 40000)
+    assert solver.LR_SCHEDULER_NAME == "WarmupThenPolyLR" and solver.POLY_LR_POWER == 0.9
+    assert not solver.AMP.ENABLED and not solver.CLIP_GRADIENTS.ENABLED
+    if not path.name.startswith("Base-"):
+        assert cfg.DATASETS.TRAIN and cfg.DATASETS.TEST

@@ -148,6 +148,29 @@ def test_tf2_warmup_poly_schedule_follows_deeplab2():
     assert lrs[95] == pytest.approx(0.3)
 
 
+def test_warmup_then_poly_schedule_follows_restr():
+    """ReSTR's schedule: lr x it / warmup from 0, then (1 - (it - warmup) / (max - warmup)) ** 0.9."""
+    cfg = _solver_cfg(**{"SOLVER.LR_SCHEDULER_NAME": "WarmupThenPolyLR", "SOLVER.MAX_ITER": 100,
+                         "SOLVER.WARMUP_ITERS": 10, "SOLVER.WARMUP_FACTOR": 0.0, "SOLVER.POLY_LR_POWER": 0.9})
+    lrs = _lrs(cfg, 100)
+    assert lrs[0] == pytest.approx(0.0)
+    assert lrs[5] == pytest.approx(0.5)
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[55] == pytest.approx((1 - 45 / 90) ** 0.9)
+    assert lrs[99] == pytest.approx((1 - 89 / 90) ** 0.9)
+
+
+def test_models_name_their_backbone_modules_for_the_lr_multiplier():
+    model = ToyModel()
+    model.encoder_v = model.backbone
+    del model.backbone
+    model.backbone_module_names = ("encoder_v",)
+    groups = build_param_groups(model, base_lr=1.0, weight_decay=0.0, weight_decay_norm=0.0, weight_decay_embed=0.0,
+                                backbone_multiplier=0.1)
+    assert _group_of(groups, model.encoder_v[0].weight)["lr"] == 0.1
+    assert _group_of(groups, model.head.weight)["lr"] == 1.0
+
+
 def test_multistep_schedule():
     cfg = _solver_cfg(**{"SOLVER.LR_SCHEDULER_NAME": "WarmupMultiStepLR", "SOLVER.MAX_ITER": 30,
                          "SOLVER.STEPS": (10, 20), "SOLVER.GAMMA": 0.1, "SOLVER.WARMUP_ITERS": 0})

@@ -5,7 +5,6 @@ import json
 import pickle
 
 import numpy as np
-import pycocotools.mask as mask_util
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog

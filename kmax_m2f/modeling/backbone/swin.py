@@ -17,6 +17,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
+from ...layers import Mlp
+
 __all__ = [
     "D2SwinTransformer",
     "SwinTransformer",
@@ -110,21 +112,6 @@ def shifted_window_attention_mask(
     different = region[:, :, None] != region[:, None, :]
     mask = torch.zeros(different.shape, device=device, dtype=dtype)
     return mask.masked_fill(different, _MASKED_LOGIT)
-
-
-class Mlp(nn.Module):
-    """Token-wise feed-forward network: Linear -> GELU -> Dropout -> Linear -> Dropout."""
-
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., C] -> [..., C]."""
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class WindowAttention(nn.Module):

@@ -5,7 +5,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-__all__ = ["Attention", "FeedForward", "PostNormBlock", "PreNormBlock", "init_restr_weights"]
+from ...layers import Mlp
+
+__all__ = ["Attention", "PostNormBlock", "PreNormBlock", "init_restr_weights"]
 
 
 def init_restr_weights(module: nn.Module) -> None:
@@ -45,28 +47,13 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(attended.transpose(1, 2).reshape(batch, tokens, channels)))
 
 
-class FeedForward(nn.Module):
-    """fc1 -> GELU -> dropout -> fc2 -> dropout."""
-
-    def __init__(self, dim: int, hidden_dim: int, dropout: float) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, N, C] -> [B, N, C]."""
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-
-
 class _Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, hidden_dim: int, dropout: float, drop_path: float) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, dropout)
-        self.mlp = FeedForward(dim, hidden_dim, dropout)
+        self.mlp = Mlp(dim, hidden_dim, dropout)
         self.drop_path = StochasticDepth(drop_path, mode="row")
 
 
