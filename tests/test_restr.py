@@ -236,6 +236,8 @@ def test_mapper_resizes_and_centres_image_and_mask(tmp_path, vocabulary_file):
     assert out["ref_mask"][16:48, :30].float().mean() > 0.95 and out["ref_mask"][:16].sum() == 0
     assert out["image"][:, :16].sum() == 0  # zero padding above
     assert out["image"][0, 30, 5] == 255 and out["sample_id"] == "1_1"
+    with pytest.raises(DatasetError, match="1_1 of .*wide.png has an empty sentence"):
+        mapper({**record, "sentence": "  "})
     # A grey image comes out with 3 channels.
     Image.fromarray(image[:, :, 0]).convert("L").save(tmp_path / "grey.png")
     assert mapper({**record, "file_name": str(tmp_path / "grey.png")})["image"].shape == (3, 64, 64)

@@ -353,7 +353,7 @@ MODEL_CASES = {
     "restr": [
         ("ViT-B/16 inference", RESTR_VIT_B, "inference", 480, 480, 1),
         ("ViT-B/16 training step, AdamW", RESTR_VIT_B, "train", 480, 480, 2),
-        ("synthetic ViT training step", RESTR_SYNTHETIC, "train", 256, 256, 8),
+        ("synthetic quick-start training step", RESTR_SYNTHETIC, "train", 128, 128, 16),
     ],
 }
 MODEL_TITLES = {"mask2former": "Mask2Former", "kmax": "kMaX-DeepLab", "restr": "ReSTR"}

@@ -2,13 +2,13 @@
 prepares it (no augmentation): the image resized so that its longer side is INPUT.IMAGE_SIZE and
 centred on a zero-padded square, the target mask likewise (training)."""
 import copy
-import logging
 from typing import Any
 
 import numpy as np
 import torch
 from detectron2.config import CfgNode, configurable
 from detectron2.data import transforms as T
+from PIL import Image
 
 from ...data.datasets.checks import DatasetError
 from ...data.datasets.refer import referent_mask
@@ -16,8 +16,6 @@ from ...data.mappers.build import MAPPER_REGISTRY
 from ...data.mappers.common import image_to_tensor, read_image
 
 __all__ = ["ReferringDatasetMapper", "resize_and_pad_box"]
-
-logger = logging.getLogger(__name__)
 
 
 def resize_and_pad_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
@@ -58,8 +56,6 @@ class ReferringDatasetMapper:
         """An [H, W, 3] image (INPUT.FORMAT) and a sentence -> the model input (no target)."""
         if image.size == 0:
             raise DatasetError(f"Empty image of shape {image.shape}: nothing to segment.")
-        from PIL import Image
-
         square, box = self._square(image, Image.BILINEAR)
         return {
             "image": image_to_tensor(square),
@@ -70,9 +66,12 @@ class ReferringDatasetMapper:
         }
 
     def __call__(self, record: dict) -> dict[str, Any]:
-        from PIL import Image
-
         record = copy.deepcopy(record)
+        if not str(record.get("sentence", "")).strip():
+            raise DatasetError(
+                f"Referring record {record.get('sample_id')} of {record['file_name']} has an empty sentence: "
+                "remove it from the dataset or give it a referring expression."
+            )
         image = read_image(record, self.image_format)
         inputs = self.map_image(image, record["sentence"])
         if self.is_train:

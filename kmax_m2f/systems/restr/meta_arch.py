@@ -1,5 +1,4 @@
 """The ReSTR meta-architecture: image + sentence -> the one mask the sentence refers to."""
-import logging
 from typing import Any
 
 import torch
@@ -14,9 +13,6 @@ from .fusion import MultimodalFusion
 from .language import build_language_encoder
 
 __all__ = ["REFER", "ReSTR", "patch_labels"]
-
-logger = logging.getLogger(__name__)
-
 
 
 def patch_labels(masks: torch.Tensor, patch_size: int) -> torch.Tensor:
