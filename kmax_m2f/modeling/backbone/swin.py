@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
-from ...layers import Mlp
+from ...layers import Mlp, transformer_init
 
 __all__ = [
     "D2SwinTransformer",
@@ -449,13 +449,7 @@ def _init_weights(module: nn.Module) -> None:
     """Swin's initialisation: truncated normal (std 0.02) Linear weights, zero biases, unit
     LayerNorms. (The official Mask2Former file defines this but never applies it; it only
     matters when training without the ImageNet-pretrained weights.)"""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+    transformer_init(module)
 
 
 @BACKBONE_REGISTRY.register()

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from ...layers import Mlp
+from ...layers import Mlp, transformer_init
 
 __all__ = ["Attention", "PostNormBlock", "PreNormBlock", "init_restr_weights"]
 
@@ -13,14 +13,8 @@ __all__ = ["Attention", "PostNormBlock", "PreNormBlock", "init_restr_weights"]
 def init_restr_weights(module: nn.Module) -> None:
     """The official initialisation: truncated normal (std 0.02) linear weights and zero biases,
     unit LayerNorms, Xavier-uniform convolutions."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Conv2d):
+    transformer_init(module)
+    if isinstance(module, nn.Conv2d):
         nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
