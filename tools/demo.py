@@ -29,6 +29,8 @@ import torch
 import kmax_m2f
 from kmax_m2f.config import ConfigError
 from kmax_m2f.data.images import read_image
+from kmax_m2f.evaluation import enabled_tasks
+from kmax_m2f.evaluation.build import REFER
 from kmax_m2f.systems.restr import ReferringDatasetMapper
 from kmax_m2f.visualization import draw_cluster_assignments, draw_predictions
 
@@ -54,12 +56,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def predict_referring(predictor: DefaultPredictor, cfg, image_bgr, sentence: str) -> dict:
-    """The referring model's output for one image and sentence (the test-time ``refer`` mapping
-    on the in-memory image), with the sentence kept for the drawing."""
-    image = image_bgr[:, :, ::-1] if cfg.INPUT.FORMAT == "RGB" else image_bgr
+def predict_referring(
+    predictor: DefaultPredictor, mapper: ReferringDatasetMapper, image_bgr, sentence: str
+) -> dict:
+    """The referring model's output for one image and sentence (``mapper``, the test-time
+    ``refer`` mapping, on the in-memory image), with the sentence kept for the drawing."""
+    image = image_bgr[:, :, ::-1] if mapper.image_format == "RGB" else image_bgr
     try:
-        inputs = ReferringDatasetMapper(cfg, is_train=False).map_image(image, sentence)
+        inputs = mapper.map_image(image, sentence)
         with torch.no_grad():
             predictions = predictor.model([inputs])[0]
     except ValueError as e:
@@ -101,12 +105,13 @@ def main(argv=None) -> int:
                 f"not {cfg.MODEL.META_ARCHITECTURE}"
             )
         predictor.model.return_cluster_assignments = True
-    referring = "refer" in getattr(type(predictor.model), "output_tasks", lambda cfg: set())(cfg)
+    referring = REFER in (enabled_tasks(cfg) or set())
     if referring != (args.text is not None):
         sys.exit(
             f"demo.py: {cfg.MODEL.META_ARCHITECTURE} is a referring model: give the sentence with --text \"...\""
             if referring else f"demo.py: --text is for referring models (ReSTR), not {cfg.MODEL.META_ARCHITECTURE}"
         )
+    referring_mapper = ReferringDatasetMapper(cfg, is_train=False) if referring else None
     os.makedirs(args.output, exist_ok=True)
     for path in args.input:
         try:
@@ -117,7 +122,7 @@ def main(argv=None) -> int:
         if image_bgr.size == 0:
             sys.exit(f"demo.py: {path} is an empty image")
         if referring:
-            predictions = predict_referring(predictor, cfg, image_bgr, args.text)
+            predictions = predict_referring(predictor, referring_mapper, image_bgr, args.text)
         else:
             predictions = predictor(image_bgr)
         drawing = draw_predictions(image_bgr[:, :, ::-1], predictions, metadata, args.confidence_threshold)

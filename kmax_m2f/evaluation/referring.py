@@ -89,16 +89,24 @@ def _largest_segment(segments: list, height: int, width: int) -> np.ndarray:
     return max(masks, key=lambda m: int(m.sum()))
 
 
+def _largest_segment_per_image(records: list[dict], instances_file: str) -> dict:
+    """{image_id: its largest annotated segment}, each image decoded once (an image has many
+    sentences)."""
+    segments = image_segments(instances_file)
+    sizes = {r["image_id"]: (r["height"], r["width"]) for r in records}
+    return {image_id: _largest_segment(segments[image_id], *size) for image_id, size in sizes.items()}
+
+
 def trivial_baselines(dataset_name: str) -> dict[str, dict[str, float]]:
     """The metrics of two sentence-blind predictions on a refer-format dataset: "all foreground"
     (the whole image) and "largest segment" (the image's largest annotated segment)."""
     from detectron2.data import MetadataCatalog
 
     records = DatasetCatalog.get(dataset_name)
-    segments = image_segments(MetadataCatalog.get(dataset_name).json_file)
+    largest = _largest_segment_per_image(records, MetadataCatalog.get(dataset_name).json_file)
     predictors: dict[str, Callable[[dict], np.ndarray]] = {
         "all foreground": lambda r: np.ones((r["height"], r["width"]), bool),
-        "largest segment": lambda r: _largest_segment(segments[r["image_id"]], r["height"], r["width"]),
+        "largest segment": lambda r: largest[r["image_id"]],
     }
     results = {}
     for name, predict in predictors.items():

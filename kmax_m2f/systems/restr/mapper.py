@@ -1,7 +1,6 @@
 """The ``refer`` dataset mapper: a referring record -> ReSTR's input, as the official code
 prepares it (no augmentation): the image resized so that its longer side is INPUT.IMAGE_SIZE and
 centred on a zero-padded square, the target mask likewise (training)."""
-import copy
 from typing import Any
 
 import numpy as np
@@ -66,7 +65,9 @@ class ReferringDatasetMapper:
         }
 
     def __call__(self, record: dict) -> dict[str, Any]:
-        record = copy.deepcopy(record)
+        # A shallow copy suffices: the image reader may add the image size to the record, and
+        # nothing nested is changed.
+        record = dict(record)
         if not str(record.get("sentence", "")).strip():
             raise DatasetError(
                 f"Referring record {record.get('sample_id')} of {record['file_name']} has an empty sentence: "

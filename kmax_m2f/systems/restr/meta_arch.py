@@ -135,9 +135,9 @@ class ReSTR(nn.Module):
         sentences = [x["sentence"] for x in batched_inputs]
         pixel_logits, patch_logits, num_unknown = self.predict_logits(images, sentences)
         if self.training:
+            # The decoder returns to the input resolution: from_config requires a square input
+            # whose side is a multiple of the patch, so logits and masks are both [B, 1, S, S].
             masks = torch.stack([x["ref_mask"].to(self.device) for x in batched_inputs]).float()[:, None]
-            if pixel_logits.shape[-2:] != masks.shape[-2:]:
-                pixel_logits = F.interpolate(pixel_logits, size=masks.shape[-2:], mode="bilinear", align_corners=True)
             return {
                 "loss_pixel": F.binary_cross_entropy_with_logits(pixel_logits, masks),
                 "loss_patch": self.patch_loss_weight
