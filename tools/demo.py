@@ -30,7 +30,7 @@ import kmax_m2f
 from kmax_m2f.config import ConfigError
 from kmax_m2f.data.images import read_image
 from kmax_m2f.evaluation import enabled_tasks
-from kmax_m2f.evaluation.build import REFER
+from kmax_m2f.modeling.meta_arch.common import REFER
 from kmax_m2f.systems.restr import ReferringDatasetMapper
 from kmax_m2f.visualization import draw_cluster_assignments, draw_predictions
 

@@ -15,12 +15,11 @@ from detectron2.evaluation import (
     SemSegEvaluator,
 )
 
-from ..modeling.meta_arch.mask_classification import INSTANCE, PANOPTIC, SEMANTIC
+from ..modeling.meta_arch.common import INSTANCE, PANOPTIC, REFER, SEMANTIC
 from .referring import ReferringEvaluator
 
 logger = logging.getLogger(__name__)
 
-REFER = "refer"  # referring segmentation (ReSTR)
 
 # evaluator_type -> {task: evaluator factory(dataset_name, output_dir)}.
 _EVALUATORS: dict[str, dict[str, Callable[[str, Optional[str]], DatasetEvaluator]]] = {

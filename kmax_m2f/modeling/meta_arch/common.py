@@ -3,6 +3,10 @@ from typing import Optional
 
 from detectron2.data import MetadataCatalog
 
+# The tasks a meta-architecture can declare in ``output_tasks(cfg)``; the evaluators are chosen
+# by them (kmax_m2f.evaluation.build).
+SEMANTIC, INSTANCE, PANOPTIC, REFER = "semantic", "instance", "panoptic", "refer"
+
 
 def check_num_classes(cfg) -> None:
     """A NUM_CLASSES that disagrees with the training set's metadata trains a wrong class head

@@ -7,11 +7,9 @@ from detectron2.modeling import Backbone, build_backbone, build_sem_seg_head
 from detectron2.structures import Instances
 from torch import nn
 
-from .common import check_num_classes, training_metadata
+from .common import INSTANCE, PANOPTIC, SEMANTIC, check_num_classes, training_metadata
 
 __all__ = ["SEMANTIC", "INSTANCE", "PANOPTIC", "MaskClassificationModel"]
-
-SEMANTIC, INSTANCE, PANOPTIC = "semantic", "instance", "panoptic"
 
 
 class MaskClassificationModel(nn.Module):

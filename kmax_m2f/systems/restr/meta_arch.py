@@ -8,7 +8,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from torch import nn
 
 from ...config import ConfigError
-from ...evaluation.build import REFER
+from ...modeling.meta_arch.common import REFER
 from .fusion import MultimodalFusion
 from .language import build_language_encoder
 
