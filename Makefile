@@ -12,7 +12,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 EXT_STAMP := $(VENV)/.kmax_m2f-installed
 EXT_SOURCES := setup.py $(shell find kmax_m2f/layers/ms_deform_attn/csrc -type f 2>/dev/null)
 
-# make quickstart [MODEL=mask2former|kmax|structtoken|restr]
+# make quickstart [MODEL=mask2former|kmax|structtoken|restr|loca]
 MODEL ?= mask2former
 QUICKSTART_CONFIG_mask2former := configs/synthetic/panoptic-segmentation/maskformer2_R18_synthetic.yaml
 QUICKSTART_CONFIG_kmax := configs/synthetic/panoptic-segmentation/kmax_R18_synthetic.yaml
@@ -59,13 +59,19 @@ test: setup
 # minutes), evaluate it (PQ / mIoU / AP; ReSTR: oIoU / mIoU / Prec@X) and draw the results of 4
 # validation images to output/quickstart/$(MODEL)/demo (kMaX: with the cluster assignments of every
 # stage; ReSTR: the mask of "the blue stripes").
+# MODEL=loca: LOCA pre-training on the synthetic training images (labels unused), then
+# StructToken fine-tuned from those weights and from scratch (about 30 minutes); prints both mIoU.
 quickstart: setup
-	@test -n "$(QUICKSTART_CONFIG)" || { echo "MODEL must be mask2former, kmax, structtoken or restr, got '$(MODEL)'"; exit 2; }
+	@test -n "$(QUICKSTART_CONFIG)" -o "$(MODEL)" = loca || { echo "MODEL must be mask2former, kmax, structtoken, restr or loca, got '$(MODEL)'"; exit 2; }
 	$(PY) datasets/prepare_synthetic.py
+ifeq ($(MODEL),loca)
+	$(PY) tools/loca_transfer.py --output-dir $(QUICKSTART_OUT)
+else
 	$(PY) tools/train_net.py --config-file $(QUICKSTART_CONFIG) OUTPUT_DIR $(QUICKSTART_OUT)
 	$(PY) tools/demo.py --config-file $(QUICKSTART_CONFIG) --output $(QUICKSTART_OUT)/demo $(QUICKSTART_DEMO_FLAGS_$(MODEL)) \
 		--input $(addprefix datasets/synthetic/val/,000001.jpg 000002.jpg 000003.jpg 000004.jpg) \
 		--opts MODEL.WEIGHTS $(QUICKSTART_OUT)/model_final.pth
+endif
 
 cuda-build-check: setup
 	$(PIP) install -q --upgrade --no-deps --target build/cuda-toolkit $(CUDA_TOOLKIT_WHEELS)

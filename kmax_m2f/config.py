@@ -93,7 +93,8 @@ def build_config(config_file: str = "", opts: Optional[list[str]] = None) -> CN:
     """detectron2's defaults + this package's keys, then ``config_file`` (``_BASE_`` chains
     allowed), then ``opts`` (["KEY", "VALUE", ...]). Unknown keys fail loudly and say where they
     came from. A CUDA device on a machine without one falls back to CPU with a warning, so the
-    same YAML runs on a laptop and on a GPU node."""
+    same YAML runs on a laptop and on a GPU node. Dataset names ``folder:PATH`` are registered as
+    the unlabelled images under PATH (kmax_m2f.data.datasets.image_folder)."""
     cfg = get_cfg()
     add_kmax_m2f_config(cfg)
     fix = "Check the key against kmax_m2f/config.py and detectron2/config/defaults.py."
@@ -117,6 +118,10 @@ def build_config(config_file: str = "", opts: Optional[list[str]] = None) -> CN:
             cfg.merge_from_list(list(opts))
         except (KeyError, ValueError, AssertionError) as e:
             raise ConfigError(f"command-line override {list(opts)}: {e.args[0]}. Overrides are KEY VALUE pairs. {fix}") from e
+    # Imported here: the data package imports this module.
+    from .data.datasets.image_folder import register_folder_datasets
+
+    register_folder_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("MODEL.DEVICE=%s but no CUDA device is available: using the CPU.", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"

@@ -16,7 +16,8 @@ ALL_YAMLS = sorted(p for p in CONFIGS.rglob("*.yaml") if "synthetic" not in p.re
 KMAX_YAMLS = [p for p in ALL_YAMLS if p.name.startswith("kmax_")]
 STRUCT_TOKEN_YAMLS = [p for p in ALL_YAMLS if "structtoken" in p.relative_to(CONFIGS).parts]
 RESTR_YAMLS = [p for p in ALL_YAMLS if p.relative_to(CONFIGS).parts[0] == "refer"]
-YAMLS = [p for p in ALL_YAMLS if p not in KMAX_YAMLS + STRUCT_TOKEN_YAMLS + RESTR_YAMLS]
+LOCA_YAMLS = [p for p in ALL_YAMLS if "pretraining" in p.relative_to(CONFIGS).parts]
+YAMLS = [p for p in ALL_YAMLS if p not in KMAX_YAMLS + STRUCT_TOKEN_YAMLS + RESTR_YAMLS + LOCA_YAMLS]
 IDS = [str(p.relative_to(CONFIGS)) for p in YAMLS]
 
 MASK2FORMER_TREE = {
@@ -374,3 +375,28 @@ def test_restr_configs_have_the_official_recipe(path):
     assert not solver.AMP.ENABLED and not solver.CLIP_GRADIENTS.ENABLED
     if not path.name.startswith("Base-"):
         assert cfg.DATASETS.TRAIN and cfg.DATASETS.TEST
+
+
+@pytest.mark.parametrize("path", LOCA_YAMLS, ids=[str(p.relative_to(CONFIGS)) for p in LOCA_YAMLS])
+def test_loca_configs_have_the_official_recipe(path):
+    cfg = build_config(str(path))
+    steps_per_epoch = 1281167 // 1024
+    assert cfg.MODEL.META_ARCHITECTURE == "LOCA" and cfg.INPUT.DATASET_MAPPER_NAME == "loca"
+    assert cfg.SOLVER.IMS_PER_BATCH == 1024 and cfg.SOLVER.BASE_LR == 1e-3
+    assert cfg.SOLVER.MAX_ITER == 100 * steps_per_epoch and cfg.SOLVER.WARMUP_ITERS == 15 * steps_per_epoch
+    assert cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupCosineLR" and cfg.SOLVER.BASE_LR_END == pytest.approx(0.01 * 1e-3)
+    assert cfg.SOLVER.WEIGHT_DECAY == 0.1 and cfg.SOLVER.WEIGHT_DECAY_NORM == 0.0
+    assert cfg.SOLVER.CLIP_GRADIENTS.ENABLED and cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model"
+    assert cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE == 1.0
+    assert cfg.MODEL.VIT.DROP_PATH_RATE == 0.1 and cfg.MODEL.VIT.PATCH_SIZE == 16 and cfg.MODEL.VIT.FINAL_NORM
+    loca, views = cfg.MODEL.LOCA, cfg.INPUT.LOCA
+    assert int(loca.REFERENCE_KEEP_RATIO * (views.REFERENCE_SIZE // 16) ** 2) == 39
+    assert (loca.PROJECTION_HIDDEN_DIM, loca.PROJECTION_BOTTLENECK_DIM, loca.NUM_PROTOTYPES) == (2048, 256, 4096)
+    assert (loca.STUDENT_TEMPERATURE, loca.TEACHER_TEMPERATURE, loca.SINKHORN_ITERATIONS) == (0.1, 0.05, 3)
+    assert loca.TEACHER_MOMENTUM == 0.996
+    assert (views.QUERY_TOKENS_KEPT, views.NUM_FOCAL_QUERIES, views.FOCAL_SIZE) == (70, 9, 96)
+    assert list(views.REFERENCE_SCALE) == [0.32, 1.0] and list(views.FOCAL_SCALE) == [0.05, 0.32]
+    sizes = {"base": (768, 12, 12), "small": (384, 12, 6), "large": (1024, 24, 16)}
+    for name, (dim, depth, heads) in sizes.items():
+        if f"_{name}_" in path.name:
+            assert (cfg.MODEL.VIT.EMBED_DIM, cfg.MODEL.VIT.DEPTH, cfg.MODEL.VIT.NUM_HEADS) == (dim, depth, heads)

@@ -41,10 +41,13 @@ def build_param_groups(
     - parameters whose name contains one of ``no_decay_names`` (e.g. Swin's
       ``relative_position_bias_table``, ``absolute_pos_embed``) get no weight decay, nor those whose
       name contains one of the model's own ``no_weight_decay_keywords`` (a class attribute: the
-      rule of its official recipe, so that it does not depend on each YAML repeating it).
+      rule of its official recipe, so that it does not depend on each YAML repeating it), nor, when
+      the model's class attribute ``no_weight_decay_on_vectors`` is True (LOCA's recipe), any
+      parameter of at most one dimension (biases, norms).
     A parameter shared by several modules is counted once.
     """
     no_decay_names = tuple(no_decay_names) + tuple(getattr(model, "no_weight_decay_keywords", ()))
+    no_decay_on_vectors = getattr(model, "no_weight_decay_on_vectors", False)
     backbone_names = tuple(getattr(model, "backbone_module_names", ("backbone",)))
     seen: set[int] = set()
     groups = []
@@ -61,7 +64,7 @@ def build_param_groups(
             elif isinstance(module, nn.Embedding):
                 decay = weight_decay_embed
             full_name = f"{module_name}.{param_name}" if module_name else param_name
-            if any(name in full_name for name in no_decay_names):
+            if any(name in full_name for name in no_decay_names) or (no_decay_on_vectors and param.ndim <= 1):
                 decay = 0.0
             groups.append({"params": [param], "lr": lr, "weight_decay": decay})
     return reduce_param_groups(groups)

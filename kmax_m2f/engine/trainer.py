@@ -8,7 +8,8 @@ from unittest import mock
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer
+from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer
+from detectron2.engine.hooks import LRScheduler
 from detectron2.engine import defaults as detectron2_defaults
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
@@ -94,6 +95,18 @@ class Trainer(DefaultTrainer):
             detectron2_defaults, "AMPTrainer", functools.partial(build_train_loop, cfg)
         ):
             super().__init__(cfg)
+
+    def build_hooks(self) -> list[HookBase]:
+        """detectron2's hooks, plus those the model asks for (its ``training_hooks()``, e.g. LOCA's
+        teacher update), placed right after the lr scheduler so that they run before the
+        checkpointer and the evaluation of the same iteration."""
+        hooks = super().build_hooks()
+        model = self.model
+        while not hasattr(model, "training_hooks") and hasattr(model, "module"):
+            model = model.module
+        extra = model.training_hooks() if hasattr(model, "training_hooks") else []
+        position = next((i + 1 for i, hook in enumerate(hooks) if isinstance(hook, LRScheduler)), 0)
+        return hooks[:position] + list(extra) + hooks[position:]
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:

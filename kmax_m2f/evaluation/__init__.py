@@ -1,3 +1,4 @@
 from .build import build_evaluator, enabled_tasks
+from .localization import LocalizationEvaluator
 
-__all__ = ["build_evaluator", "enabled_tasks"]
+__all__ = ["LocalizationEvaluator", "build_evaluator", "enabled_tasks"]

@@ -15,7 +15,8 @@ from detectron2.evaluation import (
     SemSegEvaluator,
 )
 
-from ..modeling.meta_arch.common import INSTANCE, PANOPTIC, REFER, SEMANTIC
+from ..modeling.meta_arch.common import INSTANCE, LOCALIZATION, PANOPTIC, REFER, SEMANTIC
+from .localization import LocalizationEvaluator
 from .referring import ReferringEvaluator
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,13 @@ def enabled_tasks(cfg: CfgNode) -> Optional[set[str]]:
 
 def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
     """Evaluators for ``dataset_name``. A single-task dataset (``sem_seg``, ``coco``, ...) always
-    gets its evaluator; a panoptic dataset gets one per task the model has switched on."""
+    gets its evaluator; a panoptic dataset gets one per task the model has switched on; a model
+    that predicts patch localisation only (LOCA) gets :class:`LocalizationEvaluator` on any
+    dataset."""
+    tasks = enabled_tasks(cfg)
+    if tasks == {LOCALIZATION}:
+        # Needs the images only: any dataset will do, whatever its labels.
+        return LocalizationEvaluator((cfg.INPUT.LOCA.REFERENCE_SIZE // cfg.MODEL.VIT.PATCH_SIZE) ** 2)
     metadata = MetadataCatalog.get(dataset_name)
     evaluator_type = metadata.get("evaluator_type")
     if evaluator_type not in _EVALUATORS:
@@ -64,7 +71,6 @@ def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: Optional[str
             f"{sorted(_EVALUATORS)} when registering it."
         )
     by_task = _EVALUATORS[evaluator_type]
-    tasks = enabled_tasks(cfg)
     if tasks is None or len(by_task) == 1:
         tasks = set(by_task)
     selected = [task for task in (PANOPTIC, INSTANCE, SEMANTIC, REFER) if task in tasks and task in by_task]

@@ -18,7 +18,7 @@ detectron2's own ``ViT`` (ViTDet) is not used: its parameters have timm's names 
 has no class token, which takes part in the official model's attention.
 """
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -191,15 +191,25 @@ class VisionTransformer(nn.Module):
         nn.init.kaiming_normal_(self.patch_embed.projection.weight, mode="fan_in", nonlinearity="linear")
         nn.init.zeros_(self.patch_embed.projection.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C_in, H, W] normalised images -> [B, C, ceil(H / p), ceil(W / p)] patch features."""
+    def forward_tokens(
+        self, x: torch.Tensor, keep_index: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """[B, C_in, H, W] normalised images -> patch tokens [B, N, C] of the last layer (after
+        ``ln1`` when there is one; the class token dropped) and the patch grid (h, w).
+
+        ``keep_index`` [B, N] (raster indices into the h x w grid) keeps only those patches after
+        the position embedding is added, so that the encoder sees a subset that still knows where
+        it sits (LOCA's token dropping); the output is then [B, N, C] in ``keep_index``'s order.
+        Without it, N = h * w.
+        """
         tokens, grid_size = self.patch_embed(x)
         pos_embed = resize_pos_embed(self.pos_embed, grid_size, self.pos_grid_size, self.interpolate_mode)
+        tokens = tokens + pos_embed[:, 1:]
+        if keep_index is not None:
+            tokens = torch.gather(tokens, 1, keep_index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         if self.with_cls_token:
-            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-            tokens = tokens + pos_embed
-        else:
-            tokens = tokens + pos_embed[:, 1:]
+            cls_token = self.cls_token + pos_embed[:, :1]
+            tokens = torch.cat([cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         tokens = self.drop_after_pos(tokens)
         for layer in self.layers:
             tokens = layer(tokens)
@@ -207,6 +217,11 @@ class VisionTransformer(nn.Module):
             tokens = self.ln1(tokens)
         if self.with_cls_token:
             tokens = tokens[:, 1:]
+        return tokens, grid_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] normalised images -> [B, C, ceil(H / p), ceil(W / p)] patch features."""
+        tokens, grid_size = self.forward_tokens(x)
         return tokens.transpose(1, 2).reshape(tokens.shape[0], self.embed_dim, *grid_size)
 
 

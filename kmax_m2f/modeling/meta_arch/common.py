@@ -4,8 +4,10 @@ from typing import Optional
 from detectron2.data import MetadataCatalog
 
 # The tasks a meta-architecture can declare in ``output_tasks(cfg)``; the evaluators are chosen
-# by them (kmax_m2f.evaluation.build).
+# by them (kmax_m2f.evaluation.build). LOCALIZATION (LOCA's pre-training task: where query
+# patches sit in a reference view) needs no labels and is evaluated on any dataset's images.
 SEMANTIC, INSTANCE, PANOPTIC, REFER = "semantic", "instance", "panoptic", "refer"
+LOCALIZATION = "localization"
 
 
 def check_num_classes(cfg) -> None:
