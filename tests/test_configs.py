@@ -325,8 +325,55 @@ STRUCT_TOKEN_RECIPES = {
 
 
 def test_struct_token_tree_is_complete():
-    stems = {p.stem for p in STRUCT_TOKEN_YAMLS if not p.name.startswith("Base-")}
-    assert stems == set(STRUCT_TOKEN_RECIPES)
+    by_dataset = {}
+    for p in STRUCT_TOKEN_YAMLS:
+        if not p.name.startswith("Base-"):
+            by_dataset.setdefault(p.relative_to(CONFIGS).parts[0], set()).add(p.stem)
+    assert by_dataset.pop("ade20k") == set(STRUCT_TOKEN_RECIPES)
+    assert by_dataset == {d: {f"structtoken_vit_base_{h}" for h in ("cse", "sse", "pwe")} for d in STRUCT_TOKEN_DATASETS}
+
+
+# dataset folder -> (classes, crop, sliding stride, test short side, train / test set, batch, iterations)
+STRUCT_TOKEN_DATASETS = {
+    "cityscapes": (19, 768, 512, 1024, "cityscapes_fine_sem_seg", ("train", "val"), 8, 80000),
+    "coco-stuff-10k": (171, 512, 341, 512, "coco_2017_{}_stuff_10k_sem_seg", ("train", "test"), 16, 40000),
+}
+
+
+@pytest.mark.parametrize("head", ["cse", "sse", "pwe"])
+@pytest.mark.parametrize("dataset", sorted(STRUCT_TOKEN_DATASETS))
+def test_struct_token_other_datasets(dataset, head):
+    """The ADE20K ViT-B model and optimiser of the same head, with the dataset's classes, crop,
+    sliding window, data and schedule."""
+    classes, crop, stride, test_size, names, splits, batch, iters = STRUCT_TOKEN_DATASETS[dataset]
+    cfg = cfg_of(f"{dataset}/semantic-segmentation/structtoken/structtoken_vit_base_{head}.yaml")
+    ade = cfg_of(f"ade20k/semantic-segmentation/structtoken/structtoken_vit_base_{head}.yaml")
+    for key in ("MODEL.VIT.EMBED_DIM", "MODEL.VIT.DEPTH", "MODEL.STRUCT_TOKEN.BLOCK", "MODEL.PIXEL_MEAN",
+                "MODEL.PIXEL_STD", "SOLVER.BASE_LR", "SOLVER.BACKBONE_MULTIPLIER", "SOLVER.OPTIMIZER",
+                "SOLVER.WEIGHT_DECAY", "SOLVER.LR_SCHEDULER_NAME", "SOLVER.WARMUP_ITERS", "MODEL.VIT.DROP_PATH_RATE"):
+        value = cfg
+        ade_value = ade
+        for part in key.split("."):
+            value, ade_value = getattr(value, part), getattr(ade_value, part)
+        assert value == ade_value, key
+    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == classes
+    assert list(cfg.MODEL.VIT.IMG_SIZE) == [crop, crop] == list(cfg.MODEL.STRUCT_TOKEN.IMAGE_SIZE)
+    assert tuple(cfg.INPUT.CROP.SIZE) == (crop, crop) and cfg.INPUT.SIZE_DIVISIBILITY == crop
+    assert list(cfg.TEST.SLIDING_WINDOW.CROP_SIZE) == [crop, crop] and list(cfg.TEST.SLIDING_WINDOW.STRIDE) == [stride] * 2
+    assert cfg.INPUT.MIN_SIZE_TEST == test_size and tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (test_size // 2, test_size * 2)
+    train, test = (names.format(s) if "{}" in names else f"{names}_{s}" for s in splits)
+    assert (cfg.DATASETS.TRAIN, cfg.DATASETS.TEST) == ((train,), (test,))
+    assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.MAX_ITER) == (batch, iters)
+
+
+def test_struct_token_cityscapes_model_builds():
+    """The 768 px ViT grid, token grid, crop and window agree (build_model checks them)."""
+    from detectron2.modeling import build_model
+
+    cfg = cfg_of("cityscapes/semantic-segmentation/structtoken/structtoken_vit_base_cse.yaml")
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    assert model.backbone.pos_embed.shape == (1, 1 + 48 * 48, 768)
 
 
 @pytest.mark.parametrize("stem", sorted(STRUCT_TOKEN_RECIPES))

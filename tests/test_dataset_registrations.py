@@ -28,6 +28,7 @@ from kmax_m2f.data.datasets.register_ade20k_panoptic import (
     ADE20K_150_CATEGORIES,
     register_all_ade20k_panoptic,
 )
+from kmax_m2f.data.datasets.register_coco_stuff_10k import COCO_STUFF_CATEGORIES, register_all_coco_stuff_10k
 from kmax_m2f.data.datasets.register_coco_panoptic_annos_semseg import (
     register_all_coco_panoptic_annos_sem_seg,
 )
@@ -51,6 +52,8 @@ prepare_ade20k_sem_seg = _load_script("prepare_ade20k_sem_seg")
 prepare_ade20k_pan_seg = _load_script("prepare_ade20k_pan_seg")
 prepare_ade20k_ins_seg = _load_script("prepare_ade20k_ins_seg")
 prepare_coco_semantic = _load_script("prepare_coco_semantic_annos_from_panoptic")
+prepare_coco_stuff_10k = _load_script("prepare_coco_stuff_10k")
+COCO_STUFF_10K = ("coco_2017_train_stuff_10k_sem_seg", "coco_2017_test_stuff_10k_sem_seg")
 
 
 def _forget(names) -> None:
@@ -379,6 +382,64 @@ def test_coco_panoptic_with_sem_seg_catalog(tmp_path, register_at):
     assert meta.sem_seg_root == str(coco / "panoptic_semseg_val2017")
     assert meta.json_file == str(coco / "annotations/instances_val2017.json")
     assert meta.image_root == str(coco / "val2017")
+
+
+def _write_coco_stuff_10k(root: Path, labels: dict) -> Path:
+    """The layout of cocostuff-10k-v1.1.zip: ``labels`` maps split -> {stem: [H, W] label map 'S'}."""
+    import scipy.io
+
+    base = root / "coco" / "coco_stuff_10k"
+    for folder in ("images", "annotations", "imageLists"):
+        (base / folder).mkdir(parents=True, exist_ok=True)
+    for split, per_image in labels.items():
+        (base / "imageLists" / f"{split}.txt").write_text("".join(f"{stem}\n" for stem in per_image))
+        for stem, label in per_image.items():
+            Image.fromarray(np.zeros((*label.shape, 3), np.uint8)).save(base / "images" / f"{stem}.jpg")
+            scipy.io.savemat(base / "annotations" / f"{stem}.mat", {"S": label})
+    return base
+
+
+def test_coco_stuff_10k_categories():
+    assert len(COCO_STUFF_CATEGORIES) == 171
+    ids = [c["id"] for c in COCO_STUFF_CATEGORIES]
+    assert ids == sorted(ids) and ids[0] == 1 and ids[79] == 90 and ids[80] == 92 and ids[-1] == 182
+    assert not {12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91} & set(ids)  # COCO's unused ids
+    names = [c["name"] for c in COCO_STUFF_CATEGORIES]
+    assert (names[0], names[79], names[80], names[-1]) == ("person", "toothbrush", "banner", "wood")
+    assert names.index("sky-other") == 80 + (157 - 92)
+
+
+def test_prepare_coco_stuff_10k_and_catalog(tmp_path, register_at):
+    person, sky, wood = 1, 157, 182
+    train_label = np.array([[0, person], [sky, wood]], np.uint8)
+    base = _write_coco_stuff_10k(tmp_path, {"train": {"COCO_train2014_000000000077": train_label},
+                                            "test": {"COCO_train2014_000000000139": np.full((2, 2), sky, np.uint8)}})
+    prepare_coco_stuff_10k.convert_coco_stuff_10k(str(base))
+    png = np.asarray(Image.open(base / "annotations_detectron2/train/COCO_train2014_000000000077.png"))
+    names = [c["name"] for c in COCO_STUFF_CATEGORIES]
+    assert png.tolist() == [[255, names.index("person")], [names.index("sky-other"), 170]]
+
+    register_at(register_all_coco_stuff_10k, COCO_STUFF_10K, tmp_path)
+    records = DatasetCatalog.get("coco_2017_train_stuff_10k_sem_seg")
+    assert [Path(r["file_name"]).name for r in records] == ["COCO_train2014_000000000077.jpg"]
+    assert Path(records[0]["sem_seg_file_name"]).parent == base / "annotations_detectron2" / "train"
+    meta = MetadataCatalog.get("coco_2017_test_stuff_10k_sem_seg")
+    assert meta.evaluator_type == "sem_seg" and meta.ignore_label == 255 and len(meta.stuff_classes) == 171
+    assert meta.stuff_dataset_id_to_contiguous_id[wood] == 170
+
+
+def test_coco_stuff_10k_bad_input(tmp_path, register_at):
+    register_at(register_all_coco_stuff_10k, COCO_STUFF_10K, tmp_path)
+    with pytest.raises(DatasetError, match="prepare_coco_stuff_10k.py"):
+        DatasetCatalog.get("coco_2017_train_stuff_10k_sem_seg")
+    with pytest.raises(DatasetError, match="cocostuff-10k-v1.1.zip"):
+        prepare_coco_stuff_10k.convert_coco_stuff_10k(str(tmp_path / "coco" / "coco_stuff_10k"))
+    base = _write_coco_stuff_10k(tmp_path, {"train": {"a": np.array([[12, 1]], np.uint8)}})  # 12: unused by COCO
+    with pytest.raises(DatasetError, match=r"a\.mat: label values \[12\] are not COCO-Stuff class ids"):
+        prepare_coco_stuff_10k.convert_coco_stuff_10k(str(base), ("train",))
+    (base / "annotations" / "a.mat").write_bytes(b"not a mat file")
+    with pytest.raises(DatasetError, match="a.mat: cannot read it as a MATLAB file"):
+        prepare_coco_stuff_10k.convert_coco_stuff_10k(str(base), ("train",))
 
 
 # ---------------------------------------------------------------- bad input -----------------------

@@ -339,16 +339,73 @@ def test_official_checkpoint_converts_and_loads_to_the_same_model(datasets_dir, 
 
 
 def test_bare_vit_checkpoint_gets_its_position_embedding_resampled():
-    from kmax_m2f.systems.struct_token.checkpoint import convert_mmseg_state_dict
+    from kmax_m2f.systems.struct_token.checkpoint import convert_structtoken_checkpoint
 
     _, model = _tiny_model()
     backbone = {k[len("backbone."):]: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
     backbone["pos_embed"] = torch.randn(1, 1 + 6 * 6, 32)  # pre-trained on another size
     backbone["head.weight"] = torch.randn(10, 32)  # an ImageNet classifier
-    converted = convert_mmseg_state_dict(backbone, pos_grid_size=(4, 4))
+    converted = convert_structtoken_checkpoint(backbone, pos_grid_size=(4, 4))
     assert set(converted) == {k for k in model.state_dict() if k.startswith("backbone.")}
     assert converted["backbone.pos_embed"].shape == (1, 17, 32)
     assert torch.equal(converted["backbone.pos_embed"][:, 0], backbone["pos_embed"][:, 0])
+
+
+# timm / DeiT ViTs: built with timm itself, so the key names and the computation are timm's.
+def _timm_vit(**kwargs):
+    from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+
+    torch.manual_seed(0)
+    model = TimmVisionTransformer(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=10, **kwargs)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("cls_token", "pos_embed", "dist_token")) or "norm" in name:
+                p.normal_()  # timm starts these at zeros / ones: make every tensor's place matter
+    return model.eval()
+
+
+def _converted_vit(state_dict, final_norm=True):
+    from kmax_m2f.systems.struct_token.checkpoint import convert_structtoken_checkpoint
+
+    converted = convert_structtoken_checkpoint(state_dict, pos_grid_size=(4, 4), final_norm=final_norm)
+    ours = VisionTransformer(img_size=(64, 64), embed_dim=32, depth=2, num_heads=2, final_norm=final_norm).eval()
+    ours.load_state_dict({k[len("backbone."):]: v for k, v in converted.items()}, strict=True)
+    return ours
+
+
+@pytest.mark.parametrize("variant", ["vit", "no_embed_class"])
+def test_timm_vit_converts_to_the_same_features(variant):
+    timm_model = _timm_vit(no_embed_class=variant == "no_embed_class")
+    ours = _converted_vit(timm_model.state_dict())
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = timm_model.forward_features(image)[:, 1:]  # [B, 16, C] after the final norm
+        features = ours(image)  # [B, C, 4, 4]
+    torch.testing.assert_close(features.flatten(2).transpose(1, 2), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_distilled_deit_file_converts_through_the_tool(datasets_dir, tmp_path):
+    from timm.models.deit import VisionTransformerDistilled
+
+    torch.manual_seed(0)
+    deit = VisionTransformerDistilled(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    with torch.no_grad():
+        deit.pos_embed.normal_()
+    torch.save({"model": deit.state_dict(), "epoch": 300}, tmp_path / "deit.pth")  # DeiT's release layout
+    run_tool(["tools/convert_structtoken.py", "--config-file", CONFIG, "--input", str(tmp_path / "deit.pth"),
+              "--output", str(tmp_path / "converted.pth")], datasets_dir, REPO)
+    converted = torch.load(tmp_path / "converted.pth", weights_only=True)["model"]
+    _, model = _tiny_model()
+    backbone_keys = {k for k in model.state_dict() if k.startswith("backbone.")}
+    assert set(converted) == backbone_keys  # final norm dropped (FINAL_NORM False), heads and dist token skipped
+    expected_pos = torch.cat([deit.pos_embed[:, :1], deit.pos_embed[:, 2:]], dim=1)  # without the distillation entry
+    assert torch.equal(converted["backbone.pos_embed"], expected_pos.detach())
+    assert torch.equal(converted["backbone.layers.1.attn.attn.in_proj_weight"], deit.blocks[1].attn.qkv.weight.detach())
+
+
+def test_timm_vit_with_register_tokens_is_refused():
+    with pytest.raises(ValueError, match="register tokens"):
+        _converted_vit(_timm_vit(reg_tokens=4).state_dict())
 
 
 def test_checkpoint_of_another_model_is_refused_with_the_shapes(datasets_dir, tmp_path):
@@ -370,3 +427,14 @@ def test_disagreeing_training_sizes_are_refused():
     with pytest.raises(ConfigError, match=r"MODEL\.STRUCT_TOKEN\.IMAGE_SIZE \[64, 64\].*"
                                           r"TEST\.SLIDING_WINDOW\.CROP_SIZE \[48, 48\]: set them all alike"):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("mode", ["train", "inference"])
+def test_benchmark_measures_a_structtoken_step(datasets_dir, mode):
+    """tools/benchmark.py structtoken's measuring child runs a training step / a sliding-window
+    inference (64x128: two windows) of a StructToken config and reports its time."""
+    import json
+
+    result = run_tool(["tools/benchmark.py", "structtoken", "--repeats", "1", "--warmup", "0", "--measure", CONFIG,
+                       mode, "64", "128", "2", "time"], datasets_dir, REPO)
+    assert json.loads(result.stdout.strip().splitlines()[-1])["time_ms"] > 0

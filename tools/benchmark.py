@@ -5,6 +5,7 @@
     python tools/benchmark.py mask2former [--device cpu|cuda] [--repeats N] [--threads T]
     python tools/benchmark.py kmax [--device cpu|cuda] [--repeats N] [--threads T]
     python tools/benchmark.py restr [--device cpu|cuda] [--repeats N] [--threads T]
+    python tools/benchmark.py structtoken [--device cpu|cuda] [--repeats N] [--threads T]
     python tools/benchmark.py optimizer [--repeats N] [--threads T]
     python tools/benchmark.py depthwise [--repeats N] [--threads T]
 
@@ -331,6 +332,8 @@ KMAX_R50 = "configs/coco/panoptic-segmentation/kmax_r50.yaml"
 KMAX_SYNTHETIC = "configs/synthetic/panoptic-segmentation/kmax_R18_synthetic.yaml"
 RESTR_VIT_B = "configs/refer/restr_vit_base_refcoco_unc.yaml"
 RESTR_SYNTHETIC = "configs/synthetic/referring-segmentation/restr_vit_synthetic.yaml"
+STRUCT_TOKEN_VIT_B = "configs/ade20k/semantic-segmentation/structtoken/structtoken_vit_base_{}.yaml"
+STRUCT_TOKEN_SYNTHETIC = "configs/synthetic/semantic-segmentation/structtoken_vit_synthetic.yaml"
 # The official RefCOCO / RefCOCO+ / G-Ref vocabulary size: the word-embedding table measured.
 RESTR_VOCABULARY_SIZE = 12112
 
@@ -355,8 +358,17 @@ MODEL_CASES = {
         ("ViT-B/16 training step, AdamW", RESTR_VIT_B, "train", 480, 480, 2),
         ("synthetic quick-start training step", RESTR_SYNTHETIC, "train", 128, 128, 16),
     ],
+    # The ADE20K configs' sliding-window inference: a 512x512 image is one window, a 512x1024 one
+    # three (512 apart by 341).
+    "structtoken": [
+        *((f"ViT-B/16 {head.upper()} inference, {windows}", STRUCT_TOKEN_VIT_B.format(head), "inference", 512, width, 1)
+          for windows, width in (("one window", 512), ("3 sliding windows", 1024))
+          for head in ("cse", "sse", "pwe")),
+        ("ViT-B/16 CSE training step, AdamW", STRUCT_TOKEN_VIT_B.format("cse"), "train", 512, 512, 2),
+        ("synthetic quick-start training step", STRUCT_TOKEN_SYNTHETIC, "train", 256, 256, 8),
+    ],
 }
-MODEL_TITLES = {"mask2former": "Mask2Former", "kmax": "kMaX-DeepLab", "restr": "ReSTR"}
+MODEL_TITLES = {"mask2former": "Mask2Former", "kmax": "kMaX-DeepLab", "restr": "ReSTR", "structtoken": "StructToken"}
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -392,6 +404,26 @@ def _model_batch(
                 for label, mask in zip(instances.gt_classes, instances.gt_masks):
                     semantic[mask] = label
                 record["sem_seg_gt"] = semantic
+        inputs.append(record)
+    return inputs
+
+
+def _semantic_batch(height: int, width: int, batch: int, num_classes: int, with_targets: bool) -> list[dict]:
+    """Random images; for training, a "sem_seg" label map of 10 random rectangles of random
+    classes over ignored (255) pixels."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for _ in range(batch):
+        record = {"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator),
+                  "height": height, "width": width}
+        if with_targets:
+            label = torch.full((height, width), 255, dtype=torch.int64)
+            for _ in range(10):
+                y0, x0 = (int(v) for v in torch.randint(0, min(height, width) // 2, (2,), generator=generator))
+                label[y0 : y0 + height // 3, x0 : x0 + width // 3] = int(torch.randint(0, num_classes, (1,), generator=generator))
+            record["sem_seg"] = label
         inputs.append(record)
     return inputs
 
@@ -449,6 +481,9 @@ def _model_measure(args: argparse.Namespace) -> dict:
     if args.benchmark == "restr":
         cfg, model = _build_measured_model(args, config, _restr_opts())
         inputs = _restr_batch(height, batch, mode == "train")
+    elif args.benchmark == "structtoken":
+        cfg, model = _build_measured_model(args, config, [])
+        inputs = _semantic_batch(height, width, batch, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, mode == "train")
     else:
         cfg, model = _build_measured_model(args, config, ["INPUT.IMAGE_SIZE", f"[{height}, {width}]"] if kmax else [])
         inputs = _model_batch(height, width, batch, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, mode == "train",
@@ -635,6 +670,11 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     ),
     "restr": (
         "ReSTR: ViT-B/16 inference at 480x480 and training step (batch 2), synthetic training step",
+        _model_args,
+        _model_run,
+    ),
+    "structtoken": (
+        "StructToken: ViT-B/16 CSE / SSE / PWE inference at 512x512 (one window and sliding), training step",
         _model_args,
         _model_run,
     ),

@@ -1,11 +1,16 @@
-"""mmsegmentation checkpoints -> this package's state dicts (StructToken's official releases and
-the mmseg-named ViTs they start from).
+"""Checkpoints -> this package's StructToken state dicts: StructToken's official releases and the
+mmseg-named ViTs they start from, and ViTs in timm's / DeiT's names.
 
 mmseg saves ``{"state_dict": ..., "meta": ...}`` with the model's ``backbone.*`` and
 ``decode_head.*`` keys; the ViT checkpoints converted by mmseg's ``vitjax2mmseg.py`` hold the bare
 backbone keys (``cls_token``, ``layers.0.ln1.weight``, ...). Here the backbone's names are already
 mmseg's (:mod:`kmax_m2f.modeling.backbone.vit`) and the head's are the official ones, under
 detectron2's ``sem_seg_head`` instead of ``decode_head``.
+
+timm's ViTs (``blocks.0.norm1.weight``, ``blocks.0.attn.qkv.weight``, ...; a state dict, or a
+``.safetensors`` file) and DeiT's releases (the same names under ``"model"``, the distilled ones
+with a ``dist_token``) are renamed to mmseg's first: the layers compute the same thing (one fused
+q/k/v projection, pre-norm blocks, LayerNorm eps 1e-6).
 """
 
 import logging
@@ -15,20 +20,72 @@ import torch
 
 from ...modeling.backbone.vit import resize_pos_embed
 
-__all__ = ["convert_mmseg_state_dict"]
+__all__ = ["convert_structtoken_checkpoint", "timm_vit_to_mmseg"]
 
 logger = logging.getLogger(__name__)
 
 _BACKBONE_KEYS = ("cls_token", "pos_embed", "patch_embed.", "layers.", "ln1.")
 
+# timm / DeiT name fragments -> mmseg's, applied in order to each key under ``blocks.``.
+_TIMM_LAYER_RENAMES = (
+    (".norm1.", ".ln1."),
+    (".norm2.", ".ln2."),
+    (".attn.qkv.weight", ".attn.attn.in_proj_weight"),
+    (".attn.qkv.bias", ".attn.attn.in_proj_bias"),
+    (".attn.proj.", ".attn.attn.out_proj."),
+    (".mlp.fc1.", ".ffn.layers.0.0."),
+    (".mlp.fc2.", ".ffn.layers.1."),
+)
 
-def convert_mmseg_state_dict(
+
+def _is_timm_vit(state_dict: Mapping) -> bool:
+    return any(key.startswith("blocks.") for key in state_dict)
+
+
+def timm_vit_to_mmseg(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm / DeiT ViT state dict in mmseg's names (bare backbone keys, no ``backbone.``).
+
+    The class token's position entry is kept; a distillation token (DeiT's ``dist_token``) and its
+    position entry are dropped, as is the classifier. A position embedding without a class-token
+    entry (timm's ``no_embed_class`` models) gets a zero one, which computes the same thing.
+    Register tokens have no counterpart here and are refused.
+    """
+    if any(key.startswith("reg_token") for key in state_dict):
+        raise ValueError("The ViT has register tokens (reg_token), which this package's ViT does not have.")
+    converted = {}
+    for key, tensor in state_dict.items():
+        if key.startswith("blocks."):
+            for old, new in _TIMM_LAYER_RENAMES:
+                key = key.replace(old, new)
+            converted["layers." + key[len("blocks."):]] = tensor
+        elif key.startswith("patch_embed.proj."):
+            converted["patch_embed.projection." + key[len("patch_embed.proj."):]] = tensor
+        elif key.startswith("norm."):
+            converted["ln1." + key[len("norm."):]] = tensor
+        elif key in ("cls_token", "pos_embed"):
+            converted[key] = tensor
+        else:
+            logger.info("Not part of this package's ViT, skipped: %s", key)
+    if "pos_embed" in converted:
+        pos_embed = converted["pos_embed"]
+        if "dist_token" in state_dict:
+            pos_embed = torch.cat([pos_embed[:, :1], pos_embed[:, 2:]], dim=1)
+        patches = pos_embed.shape[1]
+        if int(round(patches**0.5)) ** 2 == patches:
+            pos_embed = torch.cat([pos_embed.new_zeros(1, 1, pos_embed.shape[2]), pos_embed], dim=1)
+        converted["pos_embed"] = pos_embed
+    return converted
+
+
+def convert_structtoken_checkpoint(
     checkpoint: Mapping, pos_grid_size: tuple[int, int], interpolate_mode: str = "bicubic", final_norm: bool = False
 ) -> dict[str, torch.Tensor]:
-    """A StructToken (or bare ViT) mmseg checkpoint as this package's model state dict.
+    """A StructToken checkpoint (mmseg), or a bare ViT (mmseg, timm or DeiT names), as this
+    package's model state dict.
 
     Args:
-        checkpoint: the loaded file: ``{"state_dict": ...}`` or the state dict itself.
+        checkpoint: the loaded file: ``{"state_dict": ...}``, ``{"model": ...}`` or the state
+            dict itself.
         pos_grid_size: the model's patch grid (``MODEL.VIT.IMG_SIZE`` / ``PATCH_SIZE``): the
             position embedding is resampled to it when the checkpoint's differs (a ViT
             pre-trained at 384 px has 24 x 24 entries, a 512 px model 32 x 32), as mmseg does
@@ -40,9 +97,11 @@ def convert_mmseg_state_dict(
     Returns:
         ``backbone.*`` and ``sem_seg_head.*`` tensors.
     """
-    state_dict = checkpoint.get("state_dict", checkpoint)
+    state_dict = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
     if not isinstance(state_dict, Mapping) or not state_dict:
-        raise ValueError("The checkpoint holds no state dict ('state_dict' or a mapping of tensors).")
+        raise ValueError("The checkpoint holds no state dict ('state_dict', 'model' or a mapping of tensors).")
+    if _is_timm_vit(state_dict):
+        state_dict = timm_vit_to_mmseg(state_dict)
     bare_backbone = not any(key.startswith(("backbone.", "decode_head.")) for key in state_dict)
     converted = {}
     for key, tensor in state_dict.items():
