@@ -7,7 +7,8 @@
     # several machines: --num-machines M --machine-rank R --dist-url tcp://HOST:PORT
 
 ``--num-gpus`` is the number of processes per machine; on a machine without GPUs each process
-trains on the CPU (gloo backend).
+trains on the CPU (gloo backend). SIGTERM or SIGINT to this process stops every process it
+started.
 """
 import logging
 import os
@@ -15,14 +16,14 @@ import sys
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import kmax_m2f
 from kmax_m2f.config import ConfigError
-from kmax_m2f.engine import Trainer
+from kmax_m2f.engine import Trainer, launch
 
 
 def setup(args):

@@ -1,4 +1,5 @@
+from .launch import launch
 from .optimizer import build_optimizer, build_param_groups
 from .trainer import Trainer, create_ddp_model
 
-__all__ = ["Trainer", "build_optimizer", "build_param_groups", "create_ddp_model"]
+__all__ = ["Trainer", "build_optimizer", "launch", "build_param_groups", "create_ddp_model"]
