@@ -69,3 +69,79 @@ def test_workers_stop_when_the_launcher_is_killed(datasets_dir, tmp_path):
             os.killpg(launcher.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: atomic saves, unreadable files named
+def _checkpointer(tmp_path, **kwargs):
+    import torch
+
+    from kmax_m2f.engine import Checkpointer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    return Checkpointer(model, save_dir=str(tmp_path), **kwargs), model
+
+
+def test_a_save_stopped_midway_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    import torch
+
+    from kmax_m2f.engine import checkpoint as checkpoint_module
+
+    checkpointer, _ = _checkpointer(tmp_path)
+    checkpointer.save("model_0000001", iteration=1)
+    real_save = torch.save
+
+    def killed_while_writing(data, f):
+        real_save(data, f)
+        f.truncate(100)  # half-written ...
+        raise KeyboardInterrupt  # ... when the process was stopped
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save("model_0000002", iteration=2)
+    assert not (tmp_path / "model_0000002.pth").exists()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    assert checkpointer.resume_or_load("", resume=True)["iteration"] == 1
+
+
+def test_resume_from_an_unreadable_last_checkpoint_names_it_and_falls_back_only_when_asked(tmp_path):
+    from kmax_m2f.engine import CheckpointError
+
+    checkpointer, _ = _checkpointer(tmp_path)
+    checkpointer.save("model_0000001", iteration=1)
+    checkpointer.save("model_0000003", iteration=3)
+    checkpointer.save("model_0000005", iteration=5)
+    data = (tmp_path / "model_0000005.pth").read_bytes()
+    (tmp_path / "model_0000005.pth").write_bytes(data[: len(data) // 2])  # truncated by a crash of the disk
+    with pytest.raises(CheckpointError) as error:
+        checkpointer.resume_or_load("", resume=True)
+    message = str(error.value)
+    assert "last_checkpoint names 'model_0000005.pth'" in message and "truncated" in message
+    assert "model_0000003.pth, model_0000001.pth" in message and "--resume-from-readable" in message
+    fallback, _ = _checkpointer(tmp_path, fall_back_to_readable=True)
+    assert fallback.resume_or_load("", resume=True)["iteration"] == 3
+
+    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")  # deleted since
+    with pytest.raises(CheckpointError, match="model_0000009.pth.*does not exist"):
+        checkpointer.resume_or_load("", resume=True)
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"", "is empty"),
+    (b"I am a text file, not a checkpoint\n", "cannot be read"),
+    (None, "does not exist"),
+])
+def test_bad_model_weights_are_named_in_one_line(datasets_dir, tmp_path, content, problem):
+    from .conftest import run_tool
+
+    weights = tmp_path / "weights.pth"
+    if content is not None:
+        weights.write_bytes(content)
+    result = run_tool(["tools/train_net.py", "--config-file", TINY_CONFIG, "--eval-only", "MODEL.WEIGHTS", str(weights),
+                       "OUTPUT_DIR", str(tmp_path / "out")], datasets_dir, REPO, check=False)
+    assert result.returncode == 1
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("train_net.py: Checkpoint") and str(weights) in last_line and problem in last_line
+    assert "Traceback" not in result.stderr and "weights_only=False" not in result.stderr

@@ -19,9 +19,11 @@ import argparse
 import logging
 import os
 import sys
+from unittest import mock
 
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
+from detectron2.engine import defaults as detectron2_defaults
 from detectron2.utils.logger import setup_logger
 from PIL import Image, UnidentifiedImageError
 import torch
@@ -29,6 +31,7 @@ import torch
 import kmax_m2f
 from kmax_m2f.config import ConfigError
 from kmax_m2f.data.images import read_image
+from kmax_m2f.engine import Checkpointer, CheckpointError
 from kmax_m2f.evaluation import enabled_tasks
 from kmax_m2f.modeling.meta_arch.common import REFER
 from kmax_m2f.systems.restr import ReferringDatasetMapper
@@ -97,7 +100,12 @@ def main(argv=None) -> int:
         logger.warning("%s.", untrained)
     datasets = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
     metadata = MetadataCatalog.get(datasets[0] if datasets else "__unused")
-    predictor = DefaultPredictor(cfg)
+    try:
+        # DefaultPredictor loads MODEL.WEIGHTS with the checkpointer that names what is wrong with a file.
+        with mock.patch.object(detectron2_defaults, "DetectionCheckpointer", Checkpointer):
+            predictor = DefaultPredictor(cfg)
+    except CheckpointError as e:
+        sys.exit(f"demo.py: {e}")
     if args.show_clusters:
         if not hasattr(predictor.model, "return_cluster_assignments"):
             sys.exit(

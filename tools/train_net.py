@@ -15,7 +15,6 @@ import os
 import sys
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -23,7 +22,7 @@ from detectron2.utils.logger import setup_logger
 
 import kmax_m2f
 from kmax_m2f.config import ConfigError
-from kmax_m2f.engine import Trainer, launch
+from kmax_m2f.engine import Checkpointer, CheckpointError, Trainer, launch
 
 
 def setup(args):
@@ -45,7 +44,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer = Checkpointer(model, save_dir=cfg.OUTPUT_DIR, fall_back_to_readable=args.resume_from_readable)
         if not cfg.MODEL.WEIGHTS and not (args.resume and checkpointer.has_checkpoint()):
             untrained = "--eval-only with an empty MODEL.WEIGHTS evaluates an untrained model (random weights)"
             if not args.allow_random_weights:
@@ -54,14 +53,21 @@ def main(args):
                     "checkpoint in OUTPUT_DIR), or --allow-random-weights to evaluate it anyway."
                 )
             logging.getLogger("kmax_m2f").warning("%s.", untrained)
-        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        try:
+            checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        except CheckpointError as e:
+            sys.exit(f"train_net.py: {e}")
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
         return results
 
     trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
+    trainer.checkpointer.fall_back_to_readable = args.resume_from_readable
+    try:
+        trainer.resume_or_load(resume=args.resume)
+    except CheckpointError as e:
+        sys.exit(f"train_net.py: {e}")
     return trainer.train()
 
 
@@ -70,6 +76,11 @@ if __name__ == "__main__":
     parser.add_argument(
         "--allow-random-weights", action="store_true",
         help="with --eval-only and no MODEL.WEIGHTS: evaluate the untrained model instead of refusing",
+    )
+    parser.add_argument(
+        "--resume-from-readable", action="store_true",
+        help="with --resume: if last_checkpoint names a missing or unreadable file, resume from the newest "
+             "readable model_*.pth in OUTPUT_DIR instead of stopping",
     )
     args = parser.parse_args()
     logging.getLogger(__name__).info("Command line arguments: %s", args)

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data import build_mapper, build_test_mapper
 from ..evaluation import build_evaluator
+from .checkpoint import Checkpointer
 from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_optimizer
 
@@ -91,9 +92,10 @@ class Trainer(DefaultTrainer):
         # DefaultTrainer.__init__ has no hook for two of its steps: its create_ddp_model cannot
         # wrap a CPU model (it always passes device ids), and with SOLVER.AMP it builds an
         # AMPTrainer, which needs CUDA. Both names are swapped for this module's while it runs.
+        # Its checkpointer is swapped the same way for the atomic one (engine/checkpoint.py).
         with mock.patch.object(detectron2_defaults, "create_ddp_model", create_ddp_model), mock.patch.object(
             detectron2_defaults, "AMPTrainer", functools.partial(build_train_loop, cfg)
-        ):
+        ), mock.patch.object(detectron2_defaults, "DetectionCheckpointer", Checkpointer):
             super().__init__(cfg)
 
     def build_hooks(self) -> list[HookBase]:
