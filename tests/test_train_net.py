@@ -56,6 +56,11 @@ def test_resume_continues_from_the_last_checkpoint(trained, datasets_dir, tmp_pa
     assert resumed["iteration"] == 5
     scheduler_states = [s["trainer"]["hooks"]["LRScheduler"] for s in (resumed, uninterrupted)]
     assert scheduler_states[0] == scheduler_states[1], "the schedule resumes where it stopped"
+    # The same run: the sampler continues where it was (not from the first images again) and the
+    # random states come back, so the resumed weights are the uninterrupted run's, bit for bit.
+    assert "Training data continues at index 12" in log  # 3 iterations x 4 images
+    differing = [k for k in uninterrupted["model"] if not torch.equal(resumed["model"][k], uninterrupted["model"][k])]
+    assert not differing, f"{len(differing)} of {len(uninterrupted['model'])} tensors differ, e.g. {differing[:3]}"
 
 
 def test_two_cpu_processes_match_one_process_on_the_same_global_batch(datasets_dir, tmp_path):

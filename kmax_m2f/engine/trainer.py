@@ -7,6 +7,7 @@ from unittest import mock
 
 import torch
 from detectron2.config import CfgNode
+from detectron2.data import build as detectron2_data_build
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer
 from detectron2.engine.hooks import LRScheduler
@@ -20,6 +21,7 @@ from ..data import build_mapper, build_test_mapper
 from ..evaluation import build_evaluator
 from .checkpoint import Checkpointer
 from .lr_scheduler import build_lr_scheduler
+from .resume import RandomStates, ResumableTrainingSampler
 from .optimizer import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -97,6 +99,15 @@ class Trainer(DefaultTrainer):
             detectron2_defaults, "AMPTrainer", functools.partial(build_train_loop, cfg)
         ), mock.patch.object(detectron2_defaults, "DetectionCheckpointer", Checkpointer):
             super().__init__(cfg)
+        self.checkpointer.checkpointables["random_states"] = RandomStates()
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """detectron2's, then the training sampler moved to where the run being resumed was."""
+        super().resume_or_load(resume=resume)
+        sampler = getattr(self._trainer.data_loader, "training_sampler", None)
+        if sampler is not None and self.start_iter > 0:
+            sampler.start = self.start_iter * (self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
+            logger.info("Training data continues at index %d of this process's sampler order.", sampler.start)
 
     def build_hooks(self) -> list[HookBase]:
         """detectron2's hooks, plus those the model asks for (its ``training_hooks()``, e.g. LOCA's
@@ -118,7 +129,18 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
-        return build_detection_train_loader(cfg, mapper=build_mapper(cfg, is_train=True))
+        """detectron2's loader; with its default sampler, a :class:`ResumableTrainingSampler`,
+        kept as the loader's ``training_sampler``."""
+        samplers = []
+
+        def resumable_sampler(*args, **kwargs) -> ResumableTrainingSampler:
+            samplers.append(ResumableTrainingSampler(*args, **kwargs))
+            return samplers[-1]
+
+        with mock.patch.object(detectron2_data_build, "TrainingSampler", resumable_sampler):
+            data_loader = build_detection_train_loader(cfg, mapper=build_mapper(cfg, is_train=True))
+        data_loader.training_sampler = samplers[0] if samplers else None
+        return data_loader
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
