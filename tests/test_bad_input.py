@@ -52,6 +52,21 @@ def test_panoptic_png_with_ids_missing_from_the_json(tmp_path):
     assert (read_panoptic_ids(str(png), [{"id": 3}, {"id": 77}]) == ids).all()
 
 
+def test_panoptic_png_of_another_image_is_caught_by_the_areas(tmp_path):
+    """Its ids are a subset of the JSON's, so only the areas tell: one listed segment has no pixel."""
+    ids = np.zeros((8, 8), np.int64)
+    ids[:4] = 3
+    png = tmp_path / "000002.png"
+    Image.fromarray(id2rgb(ids)).save(png)
+    segments = [{"id": 3, "category_id": 1, "area": 32}, {"id": 9, "category_id": 2, "area": 20}]
+    with pytest.raises(DatasetError, match=r"000002\.png: segment 9 \(category 2\) covers 0 pixels, but its JSON "
+                                           r"segments_info gives area 20"):
+        read_panoptic_ids(str(png), segments)
+    segments[1]["area"] = 0  # listed but empty in the JSON too: consistent
+    segments[0]["area"] = 33  # one pixel off: within the tolerance
+    assert (read_panoptic_ids(str(png), segments) == ids).all()
+
+
 def test_unknown_config_key_names_the_key_and_the_file(tmp_path):
     config = tmp_path / "typo.yaml"
     config.write_text(f"_BASE_: {REPO / 'tests/configs/tiny_sem_seg_fpn.yaml'}\nSOLVER:\n  BASE_LRR: 0.1\n")

@@ -39,11 +39,41 @@ def _read_checked_panoptic_png(pan_seg_file_name: str, segments_info: list[dict]
     return panoptic_rgb
 
 
+# A listed area may differ from the PNG's pixel count by this fraction (plus one pixel) before
+# the PNG is taken for another image's: the JSON areas are pixel counts of the same PNG.
+AREA_TOLERANCE = 0.01
+
+
+def check_segment_areas(pan_seg_file_name: str, panoptic_rgb: np.ndarray, segments_info: list[dict]) -> None:
+    """Every segment the JSON lists with an ``area`` must cover about that many pixels of the
+    [H, W, 3] picture (:func:`read_panoptic_png`, before any augmentation): a PNG of another
+    image whose ids happen to be among the listed ones fails here. Mappers call it after checking
+    the PNG's size against the image's, the plainer message for that case."""
+    segment_ids = rgb2id(panoptic_rgb)
+    listed = [s for s in segments_info if s.get("area", 0) > 0]
+    if not listed:
+        return
+    known = np.array(sorted({s["id"] for s in segments_info} | {VOID_ID}))
+    counts = np.bincount(np.searchsorted(known, segment_ids.ravel()), minlength=len(known))
+    pixels = dict(zip(known.tolist(), counts.tolist()))
+    for segment in listed:
+        found, area = pixels.get(segment["id"], 0), segment["area"]
+        if abs(found - area) > AREA_TOLERANCE * area + 1:
+            raise DatasetError(
+                f"{pan_seg_file_name}: segment {segment['id']} (category {segment.get('category_id')}) covers {found} "
+                f"pixels, but its JSON segments_info gives area {area}. The PNG does not belong to this JSON entry "
+                f"(another image's PNG, or a PNG from another conversion): regenerate both with the same prepare_*.py run."
+            )
+
+
 def panoptic_ids(panoptic_rgb: np.ndarray) -> np.ndarray:
     """[H, W, 3] uint8 COCO-panoptic picture (whole or augmented) -> [H, W] int64 segment ids."""
     return rgb2id(panoptic_rgb).astype(np.int64)
 
 
 def read_panoptic_ids(pan_seg_file_name: str, segments_info: list[dict]) -> np.ndarray:
-    """[H, W] int64 segment ids of a COCO-panoptic PNG, checked (:func:`read_panoptic_png`)."""
-    return panoptic_ids(read_panoptic_png(pan_seg_file_name, segments_info))
+    """[H, W] int64 segment ids of a COCO-panoptic PNG, checked (:func:`read_panoptic_png`,
+    :func:`check_segment_areas`)."""
+    panoptic_rgb = read_panoptic_png(pan_seg_file_name, segments_info)
+    check_segment_areas(pan_seg_file_name, panoptic_rgb, segments_info)
+    return panoptic_ids(panoptic_rgb)

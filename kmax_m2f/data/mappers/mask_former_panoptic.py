@@ -8,7 +8,7 @@ from detectron2.config import CfgNode
 from detectron2.data import transforms as T
 
 from ..datasets.checks import DatasetError
-from ..panoptic import panoptic_ids, read_panoptic_png
+from ..panoptic import check_segment_areas, panoptic_ids, read_panoptic_png
 from .build import MAPPER_REGISTRY
 from .common import MaskFormerMapperBase, check_class_ids, check_label_size, read_sem_seg, stack_masks
 
@@ -39,6 +39,7 @@ class MaskFormerPanopticDatasetMapper(MaskFormerMapperBase):
         )
         panoptic_rgb = read_panoptic_png(path, segments_info, self.file_cache)
         check_label_size(panoptic_rgb, path, image, record["file_name"])
+        check_segment_areas(path, panoptic_rgb, segments_info)
 
         sem_seg = None
         if "sem_seg_file_name" in record:

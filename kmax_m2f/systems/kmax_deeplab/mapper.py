@@ -38,7 +38,7 @@ from ...data.datasets.checks import DatasetError
 from ...data.file_cache import DecodedFileCache
 from ...data.mappers import MAPPER_REGISTRY
 from ...data.mappers.common import check_class_ids, check_label_size, flip_augmentations, image_to_tensor, read_image
-from ...data.panoptic import VOID_ID, panoptic_ids, read_panoptic_png
+from ...data.panoptic import VOID_ID, check_segment_areas, panoptic_ids, read_panoptic_png
 
 __all__ = ["KMaXPanopticDatasetMapper", "kmax_augmentations", "kmax_panoptic"]
 
@@ -279,6 +279,7 @@ class KMaXPanopticDatasetMapper:
         image = read_image(record, self.image_format, self.file_cache)
         panoptic_rgb = read_panoptic_png(path, segments_info, self.file_cache)
         check_label_size(panoptic_rgb, path, image, record["file_name"])
+        check_segment_areas(path, panoptic_rgb, segments_info)
 
         aug_input = T.AugInput(image)
         transforms = augmentations(aug_input)
