@@ -189,3 +189,23 @@ def test_tool_options_after_the_overrides_are_named(datasets_dir, tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "['--resume'] came after the KEY VALUE overrides" in result.stderr
     assert "--config-file FILE --resume KEY VALUE" in result.stderr
+
+
+def test_a_diverged_loss_is_one_line_with_the_iteration_and_a_hint(datasets_dir, tmp_path):
+    args = ["tools/train_net.py", "--config-file", "tests/configs/tiny_sem_seg_fpn.yaml", "OUTPUT_DIR", str(tmp_path),
+            "SOLVER.BASE_LR", "1e12", "SOLVER.MAX_ITER", "30"]
+    result = run_tool(args, datasets_dir, REPO, check=False)
+    assert result.returncode == 1
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("train_net.py: Loss became infinite or NaN at iteration=")
+    assert "SOLVER.BASE_LR" in last_line and "Traceback" not in result.stderr
+    debug = run_tool(args[:1] + ["--debug"] + args[1:], datasets_dir, REPO, check=False)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "FloatingPointError" in debug.stderr
+
+
+def test_tools_print_no_import_warnings_and_train_net_help_has_the_usage(datasets_dir):
+    for tool in ("tools/train_net.py", "tools/demo.py", "tools/convert_structtoken.py"):
+        result = run_tool([tool, "--help"], datasets_dir, REPO)
+        assert "is deprecated" not in result.stderr, (tool, result.stderr)
+    usage = run_tool(["tools/train_net.py", "--help"], datasets_dir, REPO).stdout
+    assert "python tools/train_net.py --config-file configs/... --eval-only MODEL.WEIGHTS model.pth" in usage

@@ -21,6 +21,7 @@ import os
 import sys
 from unittest import mock
 
+import kmax_m2f  # first: it silences a warning detectron2's imports would print
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.engine import defaults as detectron2_defaults
@@ -28,7 +29,6 @@ from detectron2.utils.logger import setup_logger
 from PIL import Image, UnidentifiedImageError
 import torch
 
-import kmax_m2f
 from kmax_m2f.config import ConfigError
 from kmax_m2f.data.images import read_image
 from kmax_m2f.engine import Checkpointer, CheckpointError

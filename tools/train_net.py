@@ -15,12 +15,12 @@ import os
 import sys
 
 import torch
+import kmax_m2f  # first: it silences a warning detectron2's imports would print
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-import kmax_m2f
 from kmax_m2f.config import ConfigError
 from kmax_m2f.engine import Checkpointer, CheckpointError, Trainer, launch
 
@@ -68,11 +68,26 @@ def main(args):
         trainer.resume_or_load(resume=args.resume)
     except CheckpointError as e:
         sys.exit(f"train_net.py: {e}")
-    return trainer.train()
+    if not args.debug:
+        # detectron2 logs the traceback of any training error; a diverged loss gets one line instead.
+        logging.getLogger("detectron2.engine.train_loop").addFilter(_not_a_divergence)
+    try:
+        return trainer.train()
+    except FloatingPointError as e:
+        if args.debug:
+            raise
+        sys.exit(
+            f"train_net.py: {str(e).splitlines()[0]} Training diverged: lower SOLVER.BASE_LR, or enable gradient "
+            "clipping (SOLVER.CLIP_GRADIENTS.ENABLED True); --debug shows the traceback."
+        )
+
+
+def _not_a_divergence(record: logging.LogRecord) -> bool:
+    return not (record.exc_info and isinstance(record.exc_info[1], FloatingPointError))
 
 
 if __name__ == "__main__":
-    parser = default_argument_parser()
+    parser = default_argument_parser(epilog=__doc__)
     parser.add_argument(
         "--allow-random-weights", action="store_true",
         help="with --eval-only and no MODEL.WEIGHTS: evaluate the untrained model instead of refusing",
@@ -82,6 +97,7 @@ if __name__ == "__main__":
         help="with --resume: if last_checkpoint names a missing or unreadable file, resume from the newest "
              "readable model_*.pth in OUTPUT_DIR instead of stopping",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a diverged (NaN) loss")
     args = parser.parse_args()
     logging.getLogger(__name__).info("Command line arguments: %s", args)
     launch(
