@@ -33,6 +33,10 @@ def test_train_writes_checkpoints_and_evaluates(trained):
     assert (output_dir / "last_checkpoint").read_text().strip() == "model_final.pth"
     assert _state(output_dir / "model_final.pth")["iteration"] == 5
     assert "copypaste: mIoU,fwIoU,mACC,pACC" in result.stderr + result.stdout
+    # The semantic results as tables, not detectron2's raw OrderedDict.
+    log = result.stderr + result.stdout
+    assert "Per class:" in log and re.search(r"\|\s+circle \|", log)
+    assert "OrderedDict([('sem_seg'" not in log
 
 
 def test_eval_only_loads_weights_and_runs_the_evaluator(trained, datasets_dir, tmp_path):

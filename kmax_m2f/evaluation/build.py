@@ -12,12 +12,12 @@ from detectron2.evaluation import (
     COCOPanopticEvaluator,
     DatasetEvaluator,
     DatasetEvaluators,
-    SemSegEvaluator,
 )
 
 from ..modeling.meta_arch.common import INSTANCE, LOCALIZATION, PANOPTIC, REFER, SEMANTIC
 from .localization import LocalizationEvaluator
 from .referring import ReferringEvaluator
+from .semantic import SemSegEvaluator
 
 logger = logging.getLogger(__name__)
 
