@@ -4,6 +4,7 @@ import os
 from typing import Optional
 
 import torch
+import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 from detectron2.projects.deeplab import add_deeplab_config
@@ -89,6 +90,22 @@ def fixed_image_size(cfg: CN) -> tuple[int, int]:
     return size
 
 
+def _missing_base_message(config_file: str, missing: str) -> str:
+    """Which YAML of ``config_file``'s ``_BASE_`` chain names the missing file ``missing``."""
+    referring, written, path = config_file, None, config_file
+    while os.path.isfile(path):
+        with open(path) as f:
+            base = (yaml.safe_load(f) or {}).get("_BASE_")
+        if not base:
+            break
+        referring, written = path, base
+        path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+    return (
+        f"{os.path.normpath(referring)}: its _BASE_ {written!r} ({os.path.normpath(missing)}) does not exist; a _BASE_ "
+        "path is relative to the YAML that names it."
+    )
+
+
 def build_config(config_file: str = "", opts: Optional[list[str]] = None) -> CN:
     """detectron2's defaults + this package's keys, then ``config_file`` (``_BASE_`` chains
     allowed), then ``opts`` (["KEY", "VALUE", ...]). Unknown keys fail loudly and say where they
@@ -105,6 +122,8 @@ def build_config(config_file: str = "", opts: Optional[list[str]] = None) -> CN:
             cfg.merge_from_file(config_file)
         except (KeyError, ValueError) as e:
             raise ConfigError(f"{config_file}: {e.args[0]}. {fix}") from e
+        except FileNotFoundError as e:
+            raise ConfigError(_missing_base_message(config_file, e.filename)) from e
     if opts:
         flags = [opt for opt in opts if isinstance(opt, str) and opt.startswith("--")]
         if flags:

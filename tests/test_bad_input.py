@@ -209,3 +209,46 @@ def test_tools_print_no_import_warnings_and_train_net_help_has_the_usage(dataset
         assert "is deprecated" not in result.stderr, (tool, result.stderr)
     usage = run_tool(["tools/train_net.py", "--help"], datasets_dir, REPO).stdout
     assert "python tools/train_net.py --config-file configs/... --eval-only MODEL.WEIGHTS model.pth" in usage
+
+
+def test_missing_base_names_the_yaml_that_refers_to_it(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "Base.yaml").write_text("_BASE_: Missing-Base.yaml\n")
+    (tmp_path / "sub" / "model.yaml").write_text("_BASE_: ../Base.yaml\n")
+    with pytest.raises(ConfigError, match=r"Base\.yaml: its _BASE_ 'Missing-Base\.yaml' \(.*Missing-Base\.yaml\) does not exist"):
+        kmax_m2f.build_config(str(tmp_path / "sub" / "model.yaml"))
+
+
+TINY_FPN = "tests/configs/tiny_sem_seg_fpn.yaml"
+
+
+def _one_line_failure(args, datasets_dir) -> str:
+    result = run_tool(args, datasets_dir, REPO, check=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_output_dir_that_cannot_be_created(datasets_dir, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    line = _one_line_failure(["tools/train_net.py", "--config-file", TINY_FPN, "OUTPUT_DIR", str(tmp_path / "a_file" / "out")],
+                             datasets_dir)
+    assert line.startswith("train_net.py: OUTPUT_DIR") and "cannot be created or written" in line
+
+
+def test_catalog_dataset_without_its_files_names_the_folder_and_the_readme(tmp_path):
+    line = _one_line_failure(["tools/train_net.py", "--config-file", TINY_FPN, "OUTPUT_DIR", str(tmp_path / "out"),
+                              "DATASETS.TRAIN", "('ade20k_sem_seg_train',)"], tmp_path / "no_datasets")
+    assert "Dataset 'ade20k_sem_seg_train'" in line and "ADEChallengeData2016" in line
+    assert "$DETECTRON2_DATASETS" in line and "datasets/README.md" in line
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_unreadable_training_image_is_named(datasets_dir, tmp_path, damage):
+    shutil.copytree(datasets_dir / "synthetic", tmp_path / "synthetic")
+    image = tmp_path / "synthetic" / "train" / "000002.jpg"
+    image.write_bytes(b"" if damage == "empty" else image.read_bytes()[:200])
+    # The project's mappers read images (detectron2_default, detectron2's own mapper, does not).
+    line = _one_line_failure(["tools/train_net.py", "--config-file", "tests/configs/tiny_struct_token.yaml",
+                              "OUTPUT_DIR", str(tmp_path / "out"), "DATALOADER.NUM_WORKERS", "1"], tmp_path)
+    assert line.startswith(f"train_net.py: Image {image}") and ("empty" if damage == "empty" else "truncated") in line

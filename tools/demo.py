@@ -26,10 +26,11 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.engine import defaults as detectron2_defaults
 from detectron2.utils.logger import setup_logger
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 import torch
 
 from kmax_m2f.config import ConfigError
+from kmax_m2f.data.datasets.checks import DatasetError
 from kmax_m2f.data.images import read_image
 from kmax_m2f.engine import Checkpointer, CheckpointError
 from kmax_m2f.evaluation import enabled_tasks
@@ -125,8 +126,8 @@ def main(argv=None) -> int:
         try:
             # Grey, palette and RGBA files are converted to 3 channels here, 16-bit ones scaled to 8 bits.
             image_bgr = read_image(path, format="BGR")
-        except (UnidentifiedImageError, OSError) as e:
-            sys.exit(f"demo.py: cannot read {path} as an image ({e})")
+        except DatasetError as e:
+            sys.exit(f"demo.py: {e}")
         if image_bgr.size == 0:
             sys.exit(f"demo.py: {path} is an empty image")
         if referring:

@@ -22,6 +22,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from kmax_m2f.config import ConfigError
+from kmax_m2f.data.datasets.checks import DatasetError
 from kmax_m2f.engine import Checkpointer, CheckpointError, Trainer, launch
 
 
@@ -32,6 +33,7 @@ def setup(args):
         # One line that names the bad key and the file, rather than a traceback.
         sys.exit(f"train_net.py: {e}")
     cfg.freeze()
+    _require_writable_output_dir(cfg.OUTPUT_DIR)
     default_setup(cfg, args)
     if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1 and "OMP_NUM_THREADS" not in os.environ:
         # Each CPU process would otherwise start one thread per core: N processes, N x oversubscribed.
@@ -40,7 +42,35 @@ def setup(args):
     return cfg
 
 
+def _require_writable_output_dir(output_dir: str) -> None:
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        if not os.access(output_dir, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as e:
+        sys.exit(f"train_net.py: OUTPUT_DIR {output_dir!r} cannot be created or written ({e.strerror}): give another "
+                 "with OUTPUT_DIR path/to/folder.")
+
+
 def main(args):
+    try:
+        return _main(args)
+    except (DatasetError, CheckpointError) as e:
+        if args.debug:
+            raise
+        sys.exit(f"train_net.py: {_last_line(e)}")
+
+
+def _last_line(error: Exception) -> str:
+    """The message of ``error``; of the original error when a data-loader worker raised it (the
+    worker's traceback is then part of the message)."""
+    message = str(error)
+    if "Original Traceback" in message:
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+    return message
+
+
+def _main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
@@ -53,10 +83,7 @@ def main(args):
                     "checkpoint in OUTPUT_DIR), or --allow-random-weights to evaluate it anyway."
                 )
             logging.getLogger("kmax_m2f").warning("%s.", untrained)
-        try:
-            checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        except CheckpointError as e:
-            sys.exit(f"train_net.py: {e}")
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
@@ -64,13 +91,10 @@ def main(args):
 
     trainer = Trainer(cfg)
     trainer.checkpointer.fall_back_to_readable = args.resume_from_readable
-    try:
-        trainer.resume_or_load(resume=args.resume)
-    except CheckpointError as e:
-        sys.exit(f"train_net.py: {e}")
+    trainer.resume_or_load(resume=args.resume)
     if not args.debug:
-        # detectron2 logs the traceback of any training error; a diverged loss gets one line instead.
-        logging.getLogger("detectron2.engine.train_loop").addFilter(_not_a_divergence)
+        # detectron2 logs the traceback of any training error; a diverged loss or bad data gets one line instead.
+        logging.getLogger("detectron2.engine.train_loop").addFilter(_not_a_user_error)
     try:
         return trainer.train()
     except FloatingPointError as e:
@@ -82,8 +106,8 @@ def main(args):
         )
 
 
-def _not_a_divergence(record: logging.LogRecord) -> bool:
-    return not (record.exc_info and isinstance(record.exc_info[1], FloatingPointError))
+def _not_a_user_error(record: logging.LogRecord) -> bool:
+    return not (record.exc_info and isinstance(record.exc_info[1], (FloatingPointError, DatasetError)))
 
 
 if __name__ == "__main__":
@@ -97,7 +121,8 @@ if __name__ == "__main__":
         help="with --resume: if last_checkpoint names a missing or unreadable file, resume from the newest "
              "readable model_*.pth in OUTPUT_DIR instead of stopping",
     )
-    parser.add_argument("--debug", action="store_true", help="show the traceback of a diverged (NaN) loss")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of bad data, a bad checkpoint file or a diverged (NaN) loss")
     args = parser.parse_args()
     logging.getLogger(__name__).info("Command line arguments: %s", args)
     launch(

@@ -1,10 +1,14 @@
 """Reading input images: detectron2's reader, with images of more than 8 bits per value scaled
 to 8 bits first (converting them to RGB as detectron2 does would clip every value above 255, and
 a 16-bit picture would come out white)."""
+import os
+
 import numpy as np
 from detectron2.data import detection_utils as utils
 from detectron2.utils.file_io import PathManager
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from .datasets.checks import DatasetError
 
 __all__ = ["read_image", "to_8_bit"]
 
@@ -34,6 +38,15 @@ def read_image(file_name: str, format: str = None) -> np.ndarray:
     """:func:`detectron2.data.detection_utils.read_image` (EXIF orientation, conversion to
     ``format``), except that 16-bit, 32-bit and float grey images are first scaled to 8 bits by
     :func:`to_8_bit`. Returns an [H, W, C] uint8 array for "RGB" / "BGR" / "L"."""
-    with PathManager.open(file_name, "rb") as f:
-        image = utils._apply_exif_orientation(Image.open(f))
-        return utils.convert_PIL_to_numpy(to_8_bit(image), format)
+    try:
+        with PathManager.open(file_name, "rb") as f:
+            image = utils._apply_exif_orientation(Image.open(f))
+            return utils.convert_PIL_to_numpy(to_8_bit(image), format)
+    except (UnidentifiedImageError, SyntaxError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            problem = "does not exist"
+        elif os.path.isfile(file_name) and os.path.getsize(file_name) == 0:
+            problem = "is empty (0 bytes)"
+        else:
+            problem = f"cannot be decoded as an image ({e}): it is truncated, corrupt or not an image"
+        raise DatasetError(f"Image {file_name} {problem}. Replace it, or remove it and its annotations.") from e

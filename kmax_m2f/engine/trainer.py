@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data import build_mapper, build_test_mapper
+from ..data.datasets.checks import missing_files_named
 from ..evaluation import build_evaluator
 from .checkpoint import Checkpointer
 from .lr_scheduler import build_lr_scheduler
@@ -137,14 +138,17 @@ class Trainer(DefaultTrainer):
             samplers.append(ResumableTrainingSampler(*args, **kwargs))
             return samplers[-1]
 
-        with mock.patch.object(detectron2_data_build, "TrainingSampler", resumable_sampler):
+        with mock.patch.object(detectron2_data_build, "TrainingSampler", resumable_sampler), missing_files_named(
+            list(cfg.DATASETS.TRAIN)
+        ):
             data_loader = build_detection_train_loader(cfg, mapper=build_mapper(cfg, is_train=True))
         data_loader.training_sampler = samplers[0] if samplers else None
         return data_loader
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
-        return build_detection_test_loader(cfg, dataset_name, mapper=build_test_mapper(cfg))
+        with missing_files_named([dataset_name]):
+            return build_detection_test_loader(cfg, dataset_name, mapper=build_test_mapper(cfg))
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:

@@ -37,6 +37,17 @@ def require_file(path: str, dataset_name: str, hint: str = "") -> str:
 
 
 @contextlib.contextmanager
+def missing_files_named(dataset_names: list[str]) -> Iterator[None]:
+    """Turn a FileNotFoundError met while loading ``dataset_names`` (detectron2's own COCO /
+    ADE20K / Cityscapes loaders raise them) into a DatasetError that names the file, the
+    datasets root and the README."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise _missing("file or directory", e.filename or str(e), ", ".join(dataset_names), "") from e
+
+
+@contextlib.contextmanager
 def json_file_errors(path: str, dataset_name: str) -> Iterator[None]:
     """Turn a missing or corrupt JSON file met inside the block (also by detectron2's own
     loaders) into a DatasetError that names the file and the fix."""

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from detectron2.config import CfgNode, configurable
 
+from ...data.datasets.checks import DatasetError
 from ...data.images import read_image
 from ...data.mappers.build import MAPPER_REGISTRY
 from .views import (
@@ -25,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 # What a corrupt or truncated image file raises while being decoded (PIL raises SyntaxError on
 # some broken headers).
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError)
+# read_image reports empty, truncated and undecodable files as DatasetError.
+_DECODE_ERRORS = (DatasetError, ValueError)
 
 
 def _to_uint8(view: torch.Tensor) -> torch.Tensor:
