@@ -252,3 +252,21 @@ def test_unreadable_training_image_is_named(datasets_dir, tmp_path, damage):
     line = _one_line_failure(["tools/train_net.py", "--config-file", "tests/configs/tiny_struct_token.yaml",
                               "OUTPUT_DIR", str(tmp_path / "out"), "DATALOADER.NUM_WORKERS", "1"], tmp_path)
     assert line.startswith(f"train_net.py: Image {image}") and ("empty" if damage == "empty" else "truncated") in line
+
+
+def test_demo_expands_folders_and_globs_and_names_a_bad_output(datasets_dir, tmp_path):
+    images = tmp_path / "images"
+    (images / "nested").mkdir(parents=True)
+    for name in ("a.png", "nested/b.jpg"):
+        Image.new("RGB", (48, 32), (90, 140, 60)).save(images / name)
+    (images / "notes.txt").write_text("not an image")
+    common = ["tools/demo.py", "--config-file", TINY, "--allow-random-weights", "--output"]
+    run_tool(common + [str(tmp_path / "out_folder"), "--input", str(images)], datasets_dir, REPO)
+    assert sorted(p.name for p in (tmp_path / "out_folder").iterdir()) == ["a.png", "b.png"]
+    run_tool(common + [str(tmp_path / "out_glob"), "--input", str(images / "**" / "*.jpg")], datasets_dir, REPO)
+    assert [p.name for p in (tmp_path / "out_glob").iterdir()] == ["b.png"]
+
+    line = _one_line_failure(common + [str(tmp_path / "out_none"), "--input", str(images / "*.bmp")], datasets_dir)
+    assert line == f"demo.py: --input pattern {str(images / '*.bmp')!r} matches no file."
+    line = _one_line_failure(common + [str(images / "a.png" / "out"), "--input", str(images / "a.png")], datasets_dir)
+    assert line.startswith(f"demo.py: --output {str(images / 'a.png' / 'out')!r} cannot be created")

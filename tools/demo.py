@@ -16,6 +16,7 @@ Works on CPU and GPU (MODEL.DEVICE). Class names and colours come from the metad
 test dataset (DATASETS.TEST), else the first training dataset.
 """
 import argparse
+import glob
 import logging
 import os
 import sys
@@ -31,6 +32,7 @@ import torch
 
 from kmax_m2f.config import ConfigError
 from kmax_m2f.data.datasets.checks import DatasetError
+from kmax_m2f.data.datasets.image_folder import list_images
 from kmax_m2f.data.images import read_image
 from kmax_m2f.engine import Checkpointer, CheckpointError
 from kmax_m2f.evaluation import enabled_tasks
@@ -44,7 +46,8 @@ logger = logging.getLogger("kmax_m2f.demo")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--input", nargs="+", required=True, help="image files")
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="image files, folders (their images, recursively) or quoted glob patterns")
     parser.add_argument("--output", required=True, help="folder for the drawings (created if needed)")
     parser.add_argument("--confidence-threshold", type=float, default=0.5, help="for instance results")
     parser.add_argument(
@@ -80,12 +83,33 @@ def predict_referring(
     return {**predictions, "sentence": sentence}
 
 
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Image files from ``--input``: files as given, folders as their images (recursively), glob
+    patterns (``*``, ``?``, ``[``) as their matches, in order; exits naming what matched nothing."""
+    files = []
+    for entry in inputs:
+        entry = os.path.expanduser(entry)
+        if os.path.isdir(entry):
+            try:
+                files += list_images(entry)
+            except FileNotFoundError:
+                sys.exit(f"demo.py: --input folder {entry!r} holds no .jpg / .jpeg / .png image.")
+        elif os.path.isfile(entry):
+            files.append(entry)
+        elif glob.has_magic(entry):
+            matches = sorted(path for path in glob.glob(entry, recursive=True) if os.path.isfile(path))
+            if not matches:
+                sys.exit(f"demo.py: --input pattern {entry!r} matches no file.")
+            files += matches
+        else:
+            sys.exit(f"demo.py: --input {entry!r} is neither a file, a folder nor a glob pattern that matches files.")
+    return files
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logger(name="kmax_m2f")
-    missing = [path for path in args.input if not os.path.isfile(path)]
-    if missing:
-        sys.exit(f"demo.py: input file(s) not found: {missing}")
+    args.input = expand_inputs(args.input)
     try:
         cfg = kmax_m2f.build_config(args.config_file, args.opts)
     except ConfigError as e:
@@ -121,7 +145,10 @@ def main(argv=None) -> int:
             if referring else f"demo.py: --text is for referring models (ReSTR), not {cfg.MODEL.META_ARCHITECTURE}"
         )
     referring_mapper = ReferringDatasetMapper(cfg, is_train=False) if referring else None
-    os.makedirs(args.output, exist_ok=True)
+    try:
+        os.makedirs(args.output, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"demo.py: --output {args.output!r} cannot be created ({e.strerror}): give a folder path.")
     for path in args.input:
         try:
             # Grey, palette and RGBA files are converted to 3 channels here, 16-bit ones scaled to 8 bits.
