@@ -145,3 +145,19 @@ def test_bad_model_weights_are_named_in_one_line(datasets_dir, tmp_path, content
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("train_net.py: Checkpoint") and str(weights) in last_line and problem in last_line
     assert "Traceback" not in result.stderr and "weights_only=False" not in result.stderr
+
+
+def test_a_partial_load_is_summarised_in_one_line(tmp_path, caplog):
+    import logging
+
+    import torch
+
+    from kmax_m2f.engine import Checkpointer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU()))
+    partial = {k: v for k, v in model.state_dict().items() if k.startswith("0.")}
+    torch.save({"model": partial}, tmp_path / "partial.pth")
+    with caplog.at_level(logging.WARNING):
+        Checkpointer(model).load(str(tmp_path / "partial.pth"))
+    assert "The checkpoint filled 2 of the model's 4 tensors; not from it (initialised as for training from scratch): " \
+           "1.0 (2)." in caplog.text

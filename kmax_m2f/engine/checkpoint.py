@@ -90,6 +90,25 @@ class Checkpointer(DetectionCheckpointer):
             self._load_file(path)
         return super().load(path, checkpointables)
 
+    def _log_incompatible_keys(self, incompatible) -> None:
+        """detectron2's lists, then one line: how much of the model the file filled, and which
+        modules keep their initialisation."""
+        super()._log_incompatible_keys(incompatible)
+        not_loaded = set(incompatible.missing_keys) | {key for key, _, _ in incompatible.incorrect_shapes}
+        if not not_loaded:
+            return
+        model_keys = list(self.model.state_dict())
+        modules: dict[str, int] = {}
+        for key in model_keys:
+            if key in not_loaded:
+                module = ".".join(key.split(".")[:2])
+                modules[module] = modules.get(module, 0) + 1
+        self.logger.warning(
+            "The checkpoint filled %d of the model's %d tensors; not from it (initialised as for training from "
+            "scratch): %s.", len(model_keys) - len(not_loaded), len(model_keys),
+            ", ".join(f"{module} ({count})" for module, count in modules.items()),
+        )
+
     def _readable_checkpoints(self) -> list[str]:
         """``model_*.pth`` files of save_dir that load, newest (highest iteration, then
         model_final) first."""
