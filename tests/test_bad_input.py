@@ -270,3 +270,10 @@ def test_demo_expands_folders_and_globs_and_names_a_bad_output(datasets_dir, tmp
     assert line == f"demo.py: --input pattern {str(images / '*.bmp')!r} matches no file."
     line = _one_line_failure(common + [str(images / "a.png" / "out"), "--input", str(images / "a.png")], datasets_dir)
     assert line.startswith(f"demo.py: --output {str(images / 'a.png' / 'out')!r} cannot be created")
+
+
+def test_kmax_test_image_larger_than_its_input_size_is_one_line(datasets_dir, tmp_path):
+    line = _one_line_failure(["tools/train_net.py", "--config-file", "tests/configs/tiny_kmax_panoptic.yaml", "--eval-only",
+                              "--allow-random-weights", "OUTPUT_DIR", str(tmp_path), "INPUT.MIN_SIZE_TEST", "128",
+                              "INPUT.MAX_SIZE_TEST", "128"], datasets_dir)
+    assert line.startswith("train_net.py: an input image of 128x128 exceeds the fixed input size INPUT.IMAGE_SIZE=64x64")

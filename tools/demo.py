@@ -157,10 +157,13 @@ def main(argv=None) -> int:
             sys.exit(f"demo.py: {e}")
         if image_bgr.size == 0:
             sys.exit(f"demo.py: {path} is an empty image")
-        if referring:
-            predictions = predict_referring(predictor, referring_mapper, image_bgr, args.text)
-        else:
-            predictions = predictor(image_bgr)
+        try:
+            if referring:
+                predictions = predict_referring(predictor, referring_mapper, image_bgr, args.text)
+            else:
+                predictions = predictor(image_bgr)
+        except ConfigError as e:
+            sys.exit(f"demo.py: {path}: {e}")
         drawing = draw_predictions(image_bgr[:, :, ::-1], predictions, metadata, args.confidence_threshold)
         stem = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0])
         Image.fromarray(drawing).save(stem + ".png")

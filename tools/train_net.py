@@ -55,7 +55,7 @@ def _require_writable_output_dir(output_dir: str) -> None:
 def main(args):
     try:
         return _main(args)
-    except (DatasetError, CheckpointError) as e:
+    except (DatasetError, CheckpointError, ConfigError) as e:
         if args.debug:
             raise
         sys.exit(f"train_net.py: {_last_line(e)}")
@@ -107,7 +107,7 @@ def _main(args):
 
 
 def _not_a_user_error(record: logging.LogRecord) -> bool:
-    return not (record.exc_info and isinstance(record.exc_info[1], (FloatingPointError, DatasetError)))
+    return not (record.exc_info and isinstance(record.exc_info[1], (FloatingPointError, DatasetError, ConfigError)))
 
 
 if __name__ == "__main__":

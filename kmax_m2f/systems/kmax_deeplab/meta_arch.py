@@ -10,7 +10,7 @@ from detectron2.structures import ImageList, Instances
 from detectron2.utils.memory import retry_if_cuda_oom
 from torch.nn import functional as F
 
-from ...config import fixed_image_size
+from ...config import ConfigError, fixed_image_size
 from ...modeling.matcher import HungarianMatcher
 from ...modeling.meta_arch.common import thing_ids
 from ...modeling.meta_arch.mask_classification import MaskClassificationModel
@@ -196,7 +196,7 @@ class kMaXDeepLab(MaskClassificationModel):
                 image = image * inputs["is_real_pixels"].to(image)
             image_height, image_width = image.shape[-2:]
             if image_height > height or image_width > width:
-                raise ValueError(
+                raise ConfigError(
                     f"an input image of {image_height}x{image_width} exceeds the fixed input size "
                     f"INPUT.IMAGE_SIZE={height}x{width} kMaX-DeepLab was built for: resize test images to fit "
                     f"(INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST at most {min(height, width)} / {max(height, width)})"
