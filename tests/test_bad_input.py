@@ -277,3 +277,10 @@ def test_kmax_test_image_larger_than_its_input_size_is_one_line(datasets_dir, tm
                               "--allow-random-weights", "OUTPUT_DIR", str(tmp_path), "INPUT.MIN_SIZE_TEST", "128",
                               "INPUT.MAX_SIZE_TEST", "128"], datasets_dir)
     assert line.startswith("train_net.py: an input image of 128x128 exceeds the fixed input size INPUT.IMAGE_SIZE=64x64")
+
+
+def test_compare_official_without_the_official_code_says_what_it_needs(datasets_dir):
+    line = _one_line_failure(["tools/benchmark.py", "compare-official", "--cases", "op-local,kmax-inference-641"],
+                             datasets_dir)
+    assert "--official-root DIR for a checkout of" in line
+    assert "facebookresearch/Mask2Former" in line and "bytedance/kmax-deeplab" in line

@@ -6,6 +6,8 @@
     python tools/benchmark.py kmax [--device cpu|cuda] [--repeats N] [--threads T]
     python tools/benchmark.py restr [--device cpu|cuda] [--repeats N] [--threads T]
     python tools/benchmark.py structtoken [--device cpu|cuda] [--repeats N] [--threads T]
+    python tools/benchmark.py compare-official --official-root path/to/Mask2Former --official-root path/to/kmax-deeplab \\
+        [--cases op-uniform,m2f-inference-800x1333,...] [--rounds R] [--repeats N] [--threads T]
     python tools/benchmark.py optimizer [--repeats N] [--threads T]
     python tools/benchmark.py depthwise [--repeats N] [--threads T]
 
@@ -203,11 +205,17 @@ def _ms_deform_attn_inputs(args: argparse.Namespace) -> tuple:
     reference_points = torch.cat(centres)  # [Lq, 2]
     num_queries = reference_points.shape[0]
     pixel_size = 1.0 / spatial_shapes.flip(-1).float()  # (1/W, 1/H) per level
-    sampling_locations = torch.randn(
-        batch, num_queries, heads, num_levels, points, 2, generator=generator
-    )
-    sampling_locations.mul_(2.0 * pixel_size[:, None, :])  # offsets of ~2 pixels
-    sampling_locations.add_(reference_points[None, :, None, None, None, :])
+    if getattr(args, "locations", "local") == "uniform":
+        # Anywhere in the map, independently: no two queries share cache lines.
+        sampling_locations = torch.rand(batch, num_queries, heads, num_levels, points, 2, generator=generator)
+    else:
+        # Around each query's own pixel, offsets of ~2 pixels (normal, std 2 px): the scale of
+        # Deformable DETR's initial offsets (1..4 px along 8 directions), which training keeps local.
+        sampling_locations = torch.randn(
+            batch, num_queries, heads, num_levels, points, 2, generator=generator
+        )
+        sampling_locations.mul_(2.0 * pixel_size[:, None, :])
+        sampling_locations.add_(reference_points[None, :, None, None, None, :])
     attention_weights = torch.randn(
         batch, num_queries, heads, num_levels * points, generator=generator
     ).softmax(dim=-1)
@@ -649,6 +657,203 @@ def _depthwise_run(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# compare-official: the official implementations and this package in one run, alternating
+
+# The official checkouts' configs of the models this package's R50 configs reproduce.
+OFFICIAL_CONFIGS = {
+    "mask2former": "configs/coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml",
+    "kmax": "configs/coco/panoptic_segmentation/kmax_r50.yaml",
+}
+OUR_CONFIGS = {"mask2former": MASK2FORMER_R50, "kmax": KMAX_R50}
+OFFICIAL_PACKAGES = {"mask2former": "mask2former", "kmax": "kmax_deeplab"}
+# name -> (system, what, H, W, batch); "op" cases: MSDeformAttn forward + backward at Mask2Former
+# R50's 1024x1024 sizes with the named sampling-location distribution.
+COMPARE_CASES = {
+    "op-uniform": ("mask2former", "op-uniform", 1024, 1024, 2),
+    "op-local": ("mask2former", "op-local", 1024, 1024, 2),
+    "m2f-inference-512": ("mask2former", "inference", 512, 512, 1),
+    "m2f-inference-800x1333": ("mask2former", "inference", 800, 1333, 1),
+    "m2f-train-512-b2": ("mask2former", "train", 512, 512, 2),
+    "kmax-inference-641": ("kmax", "inference", 641, 641, 1),
+    "kmax-inference-1281": ("kmax", "inference", 1281, 1281, 1),
+    "kmax-train-641-b2": ("kmax", "train", 641, 641, 2),
+}
+
+
+def _compare_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--official-root", action="append", default=[], metavar="DIR",
+                        help="a checkout of facebookresearch/Mask2Former or bytedance/kmax-deeplab (give both to "
+                             "compare both)")
+    parser.add_argument("--cases", default=",".join(COMPARE_CASES), help=f"comma-separated, of {', '.join(COMPARE_CASES)}")
+    parser.add_argument("--rounds", type=int, default=2, help="fresh process pairs per case, order alternating")
+    parser.add_argument("--measure", nargs=2, metavar=("SIDE", "CASE"), help=argparse.SUPPRESS)
+
+
+def _official_root(roots: list[str], system: str) -> str | None:
+    package = OFFICIAL_PACKAGES[system]
+    return next((root for root in roots if os.path.isdir(os.path.join(root, package))), None)
+
+
+def _import_official(root: str, system: str):
+    """The official package from ``root``, with what cannot run here stood in for by empty
+    modules: Mask2Former's compiled MultiScaleDeformableAttention (its MSDeformAttn then takes
+    its own PyTorch path) and detectron2._C (COCO evaluation, not used), if missing."""
+    import importlib
+    import types
+
+    sys.path.insert(0, root)
+    for name in ("MultiScaleDeformableAttention", "detectron2._C"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            sys.modules[name] = types.ModuleType(name)
+    return importlib.import_module(OFFICIAL_PACKAGES[system])
+
+
+def _official_model(root: str, system: str, height: int, width: int):
+    import torch
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+    from detectron2.projects.deeplab import add_deeplab_config
+
+    package = _import_official(root, system)
+    cfg = get_cfg()
+    add_deeplab_config(cfg)  # as both official train_net.py do
+    (package.add_maskformer2_config if system == "mask2former" else package.add_kmax_deeplab_config)(cfg)
+    cfg.merge_from_file(os.path.join(root, OFFICIAL_CONFIGS[system]))
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = "cpu"
+    if system == "kmax":
+        cfg.INPUT.IMAGE_SIZE = [height, width]
+    torch.manual_seed(0)
+    return cfg, build_model(cfg)
+
+
+def _compare_step(args: argparse.Namespace, side: str, case: str) -> Callable[[], object]:
+    """The measured call of ``case`` on ``side`` ("official" or "ours"), inputs made."""
+    import torch
+
+    system, what, height, width, batch = COMPARE_CASES[case]
+    if what.startswith("op-"):
+        op_args = argparse.Namespace(batch=batch, levels=f"{height // 8}x{width // 8},{height // 16}x{width // 16},"
+                                     f"{height // 32}x{width // 32}", heads=8, head_dim=32, points=4, device="cpu",
+                                     locations=what[len("op-"):])
+        (value, shapes, starts, locations, weights), grad_output = _ms_deform_attn_inputs(op_args)
+        if side == "official":
+            _import_official(_official_root(args.official_root, system), system)
+            from mask2former.modeling.pixel_decoder.ops.functions.ms_deform_attn_func import (
+                ms_deform_attn_core_pytorch,
+            )
+
+            def function(v, loc, w):
+                return ms_deform_attn_core_pytorch(v, shapes, loc, w)
+        else:
+            from kmax_m2f.layers.ms_deform_attn import MSDeformAttnFunction
+
+            def function(v, loc, w):
+                return MSDeformAttnFunction.apply(v, shapes, starts, loc, w)
+
+        def op_step():
+            leaves = [t.detach().requires_grad_(True) for t in (value, locations, weights)]
+            return torch.autograd.grad(function(*leaves), leaves, grad_output)
+
+        return op_step
+    if side == "official":
+        cfg, model = _official_model(_official_root(args.official_root, system), system, height, width)
+    else:
+        opts = ["INPUT.IMAGE_SIZE", f"[{height}, {width}]"] if system == "kmax" else []
+        cfg, model = _build_measured_model(args, OUR_CONFIGS[system], opts)
+    inputs = _model_batch(height, width, batch, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, what == "train",
+                          4 if system == "kmax" else 1)
+    if what == "inference":
+        model.eval()
+
+        def inference_step():
+            with torch.no_grad():
+                return model(inputs)
+
+        return inference_step
+    model.train()
+    # The same optimiser on both sides (the official one lives in each project's train_net.py).
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4, weight_decay=0.05)
+
+    def train_step():
+        losses = model(inputs)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 0.01)
+        optimizer.step()
+
+    return train_step
+
+
+def _compare_measure(args: argparse.Namespace) -> dict:
+    side, case = args.measure
+    step = _compare_step(args, side, case)
+    gc.collect()
+    rss_before = _current_rss_bytes()
+    exact = _reset_peak_rss()
+    step()  # the first call: the memory figures, and the first warm-up
+    peak = _peak_rss_bytes(exact)
+    for _ in range(args.warmup - 1):
+        step()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"times_s": times, "peak_mib": peak / MIB, "increase_mib": (peak - rss_before) / MIB, "exact": exact}
+
+
+def _compare_run(args: argparse.Namespace) -> None:
+    common = _cpu_child_options(args, _compare_measure)
+    if common is None:
+        return
+    cases = [case.strip() for case in args.cases.split(",") if case.strip()]
+    unknown = [case for case in cases if case not in COMPARE_CASES]
+    if unknown:
+        sys.exit(f"compare-official: unknown case(s) {unknown}; known: {', '.join(COMPARE_CASES)}")
+    roots = [os.path.abspath(os.path.expanduser(root)) for root in args.official_root]
+    missing = sorted({COMPARE_CASES[case][0] for case in cases if _official_root(roots, COMPARE_CASES[case][0]) is None})
+    if missing:
+        sys.exit(
+            "compare-official needs the official code: --official-root DIR for a checkout of "
+            + " and of ".join({"mask2former": "facebookresearch/Mask2Former", "kmax": "bytedance/kmax-deeplab"}[m]
+                              for m in missing)
+            + " (git clone it; nothing is built or installed: Mask2Former's CUDA op is replaced by its own PyTorch "
+            "path). The official code needs timm."
+        )
+    for root in roots:
+        common += ["--official-root", root]
+    print(f"Official implementations and kmax_m2f side by side: each figure from a fresh process, {args.rounds} "
+          f"process(es) per side and case, the two sides alternating; the same inputs, outputs, threads and allocator "
+          f"setting (glibc mmap threshold fixed) on both; {_machine_description('cpu', args.threads)}; per process "
+          f"{args.repeats} timed calls after {args.warmup} warm-up(s). Memory: peak RSS of the process, and its "
+          f"increase during the first call.\n")
+    print("| case | official s (min / median / max) | ours s (min / median / max) | official / ours | "
+          "official peak RSS MiB (increase) | ours peak RSS MiB (increase) | ours / official peak RSS |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for case in cases:
+        results = {"official": [], "ours": []}
+        for round_index in range(args.rounds):
+            order = ("official", "ours") if round_index % 2 == 0 else ("ours", "official")
+            for side in order:
+                print(f"measuring {case}, {side}, round {round_index + 1} ...", file=sys.stderr)
+                results[side].append(_run_child(common + ["--measure", side, case], args.threads, "memory"))
+        summary = {}
+        for side, runs in results.items():
+            times = sorted(t for run in runs for t in run["times_s"])
+            summary[side] = (times[0], statistics.median(times), times[-1],
+                             statistics.median(run["peak_mib"] for run in runs),
+                             statistics.median(run["increase_mib"] for run in runs))
+        official, ours = summary["official"], summary["ours"]
+        print(f"| {case} | {official[0]:.3f} / {official[1]:.3f} / {official[2]:.3f} | "
+              f"{ours[0]:.3f} / {ours[1]:.3f} / {ours[2]:.3f} | {_ratio(official[1], ours[1])} | "
+              f"{official[3]:.0f} ({official[4]:.0f}) | {ours[3]:.0f} ({ours[4]:.0f}) | {ours[3] / official[3]:.2f}x |")
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 
 # name -> (help, add its arguments, run it). Later components add their entry here.
@@ -677,6 +882,11 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         "StructToken: ViT-B/16 CSE / SSE / PWE inference at 512x512 (one window and sliding), training step",
         _model_args,
         _model_run,
+    ),
+    "compare-official": (
+        "the official Mask2Former / kMaX-DeepLab (a local checkout) and this package, side by side in one run",
+        _compare_args,
+        _compare_run,
     ),
     "optimizer": (
         "CPU optimizer step of the quick-start models: PyTorch's default against the fused step",
