@@ -147,3 +147,15 @@ def test_instance_inference_topk_scores_and_thing_filter():
     only_things = instance_inference(_one_hot_logits([0, 2, 1], num_classes=3), masks, topk=4, thing_ids={2})
     assert set(only_things.pred_classes.tolist()) == {2}
     assert only_things.pred_boxes.tensor[0].tolist() == [3.0, 3.0, 5.0, 5.0]
+
+
+def test_mean_inside_is_the_masked_mean_of_each_map():
+    from kmax_m2f.modeling.postprocess import mean_inside
+
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.rand(5, 7, 9, generator=generator)
+    masks = torch.rand(5, 7, 9, generator=generator) > 0.5
+    masks[3] = False  # an empty mask scores 0
+    expected = (probs.flatten(1) * masks.flatten(1)).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
+    torch.testing.assert_close(mean_inside(probs, masks), expected)
+    assert mean_inside(probs[:0], masks[:0]).shape == (0,)

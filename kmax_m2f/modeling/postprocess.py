@@ -88,24 +88,31 @@ def topk_query_class_pairs(
     return scores, labels, queries
 
 
+def mean_inside(mask_probs: torch.Tensor, binary_masks: torch.Tensor) -> torch.Tensor:
+    """[N] mean of each [H, W] probability map of ``mask_probs`` [N, H, W] inside the matching
+    bool mask of ``binary_masks`` [N, H, W] (0 for an empty mask). One map at a time: at full
+    image resolution an [N, H, W] product would be the largest tensor of inference."""
+    if len(mask_probs) == 0:
+        return mask_probs.new_zeros(0)
+    return torch.stack([(probs * mask).sum() / (mask.sum() + 1e-6) for probs, mask in zip(mask_probs, binary_masks)])
+
+
 def scored_instances(
     image_size: tuple[int, int],
     class_scores: torch.Tensor,
     labels: torch.Tensor,
-    mask_probs: torch.Tensor,
+    mask_scores: torch.Tensor,
     binary_masks: torch.Tensor,
 ) -> Instances:
-    """Instances scored by class probability x mean mask probability inside the binary mask.
+    """Instances scored by class probability x mask score.
 
     Args:
-        class_scores, labels: [N].
-        mask_probs: [N, H, W] float; binary_masks: [N, H, W] bool.
+        class_scores, labels, mask_scores: [N] (mask scores: e.g. :func:`mean_inside`).
+        binary_masks: [N, H, W] bool.
     """
     result = Instances(image_size)
     result.pred_masks = binary_masks.float()
     result.pred_boxes = boxes_from_masks(binary_masks)
-    inside = binary_masks.flatten(1)
-    mask_scores = (mask_probs.flatten(1) * inside).sum(1) / (inside.sum(1) + 1e-6)
     result.scores = class_scores * mask_scores
     result.pred_classes = labels
     return result

@@ -7,7 +7,7 @@ import torch
 from detectron2.structures import Instances
 from torch.nn import functional as F
 
-from ...modeling.postprocess import is_thing, paint_segments, scored_instances, topk_query_class_pairs
+from ...modeling.postprocess import is_thing, mean_inside, paint_segments, scored_instances, topk_query_class_pairs
 
 
 def semantic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
@@ -104,4 +104,5 @@ def instance_inference(
     class_probs = F.softmax(mask_cls, dim=-1)[:, :-1]
     scores, labels, queries = topk_query_class_pairs(class_probs, topk, thing_ids)
     mask_probs = F.softmax(mask_pred, dim=0)[queries]
-    return scored_instances(mask_pred.shape[-2:], scores, labels, mask_probs, mask_probs > pixel_confidence_threshold)
+    binary_masks = mask_probs > pixel_confidence_threshold
+    return scored_instances(mask_pred.shape[-2:], scores, labels, mean_inside(mask_probs, binary_masks), binary_masks)

@@ -109,13 +109,17 @@ class MaskFormer(MaskClassificationModel):
                 outputs.pop("aux_outputs", None)
             return self.criterion.weighted_losses(self.criterion(outputs, targets))
 
-        mask_logits = F.interpolate(
-            outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
-        )
+        # One image at a time, its masks upsampled to the padded input size only while needed: at
+        # full resolution each image's [Q, H, W] logits are the largest tensors of inference.
         return [
-            self._inference_single(class_logits, masks, inputs, image_size)
+            self._inference_single(
+                class_logits,
+                F.interpolate(masks[None], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)[0],
+                inputs,
+                image_size,
+            )
             for class_logits, masks, inputs, image_size in zip(
-                outputs["pred_logits"], mask_logits, batched_inputs, images.image_sizes
+                outputs["pred_logits"], outputs["pred_masks"], batched_inputs, images.image_sizes
             )
         ]
 

@@ -7,7 +7,7 @@ import torch
 from detectron2.structures import Instances
 from torch.nn import functional as F
 
-from ...modeling.postprocess import paint_segments, scored_instances, topk_query_class_pairs
+from ...modeling.postprocess import mean_inside, paint_segments, scored_instances, topk_query_class_pairs
 
 
 def semantic_inference(
@@ -86,6 +86,8 @@ def instance_inference(
     """
     class_probs = F.softmax(mask_cls, dim=-1)[:, :-1]
     scores, labels, queries = topk_query_class_pairs(class_probs, topk, thing_ids)
-    probs = mask_pred[queries].sigmoid() if mask_probs is None else mask_probs[queries]
-    # Thresholding all logits, then gathering, copies bools instead of float masks.
-    return scored_instances(mask_pred.shape[-2:], scores, labels, probs, mask_pred.gt(0)[queries])
+    # Each query's mask score once (a query can be paired with several classes), from the full
+    # maps: gathering the [N, H, W] probabilities of the pairs would copy the largest tensor.
+    inside = mask_pred.gt(0)
+    query_scores = mean_inside(mask_pred.sigmoid() if mask_probs is None else mask_probs, inside)
+    return scored_instances(mask_pred.shape[-2:], scores, labels, query_scores[queries], inside[queries])
