@@ -10,7 +10,9 @@
     norm.*                               -> ln1.* (the final LayerNorm, when the model has it)
 
 The classifier (``head``, ``head_dist``, ``fc_norm``) is dropped; so is DeiT's distillation token,
-with its position-embedding entry.
+with its position-embedding entry. A position embedding without a class-token entry (timm's
+``no_embed_class`` models) gets a zero one, which computes the same thing. Register tokens have
+no counterpart and are refused.
 """
 import logging
 import re
@@ -51,6 +53,8 @@ def convert_timm_vit(
         final_norm: keep ``norm`` as ``ln1`` (else it is dropped, the model having none).
     Raises ValueError on a key that is neither a ViT key nor a classifier key.
     """
+    if "reg_token" in state_dict:
+        raise ValueError("The ViT has register tokens (reg_token), which the project's ViT does not have.")
     distilled = "dist_token" in state_dict
     converted = {}
     for key, tensor in state_dict.items():
@@ -70,6 +74,8 @@ def convert_timm_vit(
         pos_embed = converted["pos_embed"].float()
         if distilled:
             pos_embed = torch.cat([pos_embed[:, :1], pos_embed[:, 2:]], dim=1)
+        if int(round(pos_embed.shape[1] ** 0.5)) ** 2 == pos_embed.shape[1]:
+            pos_embed = torch.cat([pos_embed.new_zeros(1, 1, pos_embed.shape[2]), pos_embed], dim=1)
         patches = pos_embed.shape[1] - 1
         side = int(round(patches**0.5))
         if side * side != patches:

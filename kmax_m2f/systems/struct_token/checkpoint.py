@@ -9,8 +9,7 @@ detectron2's ``sem_seg_head`` instead of ``decode_head``.
 
 timm's ViTs (``blocks.0.norm1.weight``, ``blocks.0.attn.qkv.weight``, ...; a state dict, or a
 ``.safetensors`` file) and DeiT's releases (the same names under ``"model"``, the distilled ones
-with a ``dist_token``) are renamed to mmseg's first: the layers compute the same thing (one fused
-q/k/v projection, pre-norm blocks, LayerNorm eps 1e-6).
+with a ``dist_token``) go through :func:`~kmax_m2f.modeling.backbone.vit_checkpoint.convert_timm_vit`.
 """
 
 import logging
@@ -19,62 +18,13 @@ from collections.abc import Mapping
 import torch
 
 from ...modeling.backbone.vit import resize_pos_embed
+from ...modeling.backbone.vit_checkpoint import convert_timm_vit
 
-__all__ = ["convert_structtoken_checkpoint", "timm_vit_to_mmseg"]
+__all__ = ["convert_structtoken_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
 _BACKBONE_KEYS = ("cls_token", "pos_embed", "patch_embed.", "layers.", "ln1.")
-
-# timm / DeiT name fragments -> mmseg's, applied in order to each key under ``blocks.``.
-_TIMM_LAYER_RENAMES = (
-    (".norm1.", ".ln1."),
-    (".norm2.", ".ln2."),
-    (".attn.qkv.weight", ".attn.attn.in_proj_weight"),
-    (".attn.qkv.bias", ".attn.attn.in_proj_bias"),
-    (".attn.proj.", ".attn.attn.out_proj."),
-    (".mlp.fc1.", ".ffn.layers.0.0."),
-    (".mlp.fc2.", ".ffn.layers.1."),
-)
-
-
-def _is_timm_vit(state_dict: Mapping) -> bool:
-    return any(key.startswith("blocks.") for key in state_dict)
-
-
-def timm_vit_to_mmseg(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A timm / DeiT ViT state dict in mmseg's names (bare backbone keys, no ``backbone.``).
-
-    The class token's position entry is kept; a distillation token (DeiT's ``dist_token``) and its
-    position entry are dropped, as is the classifier. A position embedding without a class-token
-    entry (timm's ``no_embed_class`` models) gets a zero one, which computes the same thing.
-    Register tokens have no counterpart here and are refused.
-    """
-    if any(key.startswith("reg_token") for key in state_dict):
-        raise ValueError("The ViT has register tokens (reg_token), which this package's ViT does not have.")
-    converted = {}
-    for key, tensor in state_dict.items():
-        if key.startswith("blocks."):
-            for old, new in _TIMM_LAYER_RENAMES:
-                key = key.replace(old, new)
-            converted["layers." + key[len("blocks."):]] = tensor
-        elif key.startswith("patch_embed.proj."):
-            converted["patch_embed.projection." + key[len("patch_embed.proj."):]] = tensor
-        elif key.startswith("norm."):
-            converted["ln1." + key[len("norm."):]] = tensor
-        elif key in ("cls_token", "pos_embed"):
-            converted[key] = tensor
-        else:
-            logger.info("Not part of this package's ViT, skipped: %s", key)
-    if "pos_embed" in converted:
-        pos_embed = converted["pos_embed"]
-        if "dist_token" in state_dict:
-            pos_embed = torch.cat([pos_embed[:, :1], pos_embed[:, 2:]], dim=1)
-        patches = pos_embed.shape[1]
-        if int(round(patches**0.5)) ** 2 == patches:
-            pos_embed = torch.cat([pos_embed.new_zeros(1, 1, pos_embed.shape[2]), pos_embed], dim=1)
-        converted["pos_embed"] = pos_embed
-    return converted
 
 
 def convert_structtoken_checkpoint(
@@ -100,8 +50,9 @@ def convert_structtoken_checkpoint(
     state_dict = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
     if not isinstance(state_dict, Mapping) or not state_dict:
         raise ValueError("The checkpoint holds no state dict ('state_dict', 'model' or a mapping of tensors).")
-    if _is_timm_vit(state_dict):
-        state_dict = timm_vit_to_mmseg(state_dict)
+    if any(key.startswith("blocks.") for key in state_dict):
+        converted = convert_timm_vit(state_dict, tuple(pos_grid_size), final_norm, interpolate_mode)
+        return {f"backbone.{key}": tensor for key, tensor in converted.items()}
     bare_backbone = not any(key.startswith(("backbone.", "decode_head.")) for key in state_dict)
     converted = {}
     for key, tensor in state_dict.items():
