@@ -130,22 +130,20 @@ class MaskFormer(MaskClassificationModel):
         if self.sem_seg_postprocess_before_inference:
             mask_pred = retry_if_cuda_oom(sem_seg_postprocess)(mask_pred, image_size, height, width)
             mask_cls = mask_cls.to(mask_pred)
-        # One sigmoid of the masks, shared by the three outputs.
-        mask_probs = mask_pred.sigmoid()
+        # Each output takes the mask probabilities it needs and drops them: one [Q, H, W] sigmoid
+        # kept for all three would be the largest tensor alive at full resolution.
         if self.semantic_on:
-            semantic = retry_if_cuda_oom(semantic_inference)(mask_cls, mask_pred, mask_probs)
+            semantic = retry_if_cuda_oom(semantic_inference)(mask_cls, mask_pred)
             if not self.sem_seg_postprocess_before_inference:
                 semantic = retry_if_cuda_oom(sem_seg_postprocess)(semantic, image_size, height, width)
             result["sem_seg"] = semantic
         if self.panoptic_on:
             result["panoptic_seg"] = retry_if_cuda_oom(panoptic_inference)(
-                mask_cls, mask_pred, thing_ids(self.metadata), self.object_mask_threshold, self.overlap_threshold,
-                mask_probs,
+                mask_cls, mask_pred, thing_ids(self.metadata), self.object_mask_threshold, self.overlap_threshold
             )
         if self.instance_on:
             result["instances"] = retry_if_cuda_oom(instance_inference)(
-                mask_cls, mask_pred, self.test_topk_per_image, thing_ids(self.metadata) if self.panoptic_on else None,
-                mask_probs,
+                mask_cls, mask_pred, self.test_topk_per_image, thing_ids(self.metadata) if self.panoptic_on else None
             )
         return result
 

@@ -10,16 +10,10 @@ from torch.nn import functional as F
 from ...modeling.postprocess import mean_inside, paint_segments, scored_instances, topk_query_class_pairs
 
 
-def semantic_inference(
-    mask_cls: torch.Tensor, mask_pred: torch.Tensor, mask_probs: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """[K, H, W] per-class scores: sum over queries of p(class) x sigmoid(mask).
-
-    ``mask_probs``: ``mask_pred.sigmoid()`` if the caller has it already (it is the largest tensor
-    of inference at full resolution; the three outputs share one).
-    """
+def semantic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
+    """[K, H, W] per-class scores: sum over queries of p(class) x sigmoid(mask)."""
     class_probs = F.softmax(mask_cls, dim=-1)[..., :-1]
-    return torch.einsum("qc,qhw->chw", class_probs, mask_pred.sigmoid() if mask_probs is None else mask_probs)
+    return torch.einsum("qc,qhw->chw", class_probs, mask_pred.sigmoid())
 
 
 def panoptic_inference(
@@ -28,7 +22,6 @@ def panoptic_inference(
     thing_ids: set[int],
     object_mask_threshold: float,
     overlap_threshold: float,
-    mask_probs: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, list[dict]]:
     """Non-overlapping segments from the confident queries.
 
@@ -38,7 +31,6 @@ def panoptic_inference(
 
     Args:
         thing_ids: contiguous ids of the thing classes.
-        mask_probs: ``mask_pred.sigmoid()``, if the caller has it already.
 
     Returns:
         panoptic_seg [H, W] int32 (0 = void) and segments_info
@@ -47,7 +39,7 @@ def panoptic_inference(
     num_classes = mask_cls.shape[-1] - 1
     scores, labels = F.softmax(mask_cls, dim=-1).max(-1)
     keep = labels.ne(num_classes) & (scores > object_mask_threshold)
-    masks = mask_pred[keep].sigmoid() if mask_probs is None else mask_probs[keep]
+    masks = mask_pred[keep].sigmoid()
     scores, labels = scores[keep], labels[keep]
 
     height, width = mask_pred.shape[-2:]
@@ -76,18 +68,18 @@ def instance_inference(
     mask_pred: torch.Tensor,
     topk: int,
     thing_ids: Optional[set[int]] = None,
-    mask_probs: Optional[torch.Tensor] = None,
 ) -> Instances:
     """The ``topk`` best (query, class) pairs as instances.
 
     Score = p(class) x mean mask probability inside the predicted mask (logit > 0). With
     ``thing_ids`` (a panoptic model), only thing classes are kept. Boxes are the masks' extents.
-    ``mask_probs``: ``mask_pred.sigmoid()``, if the caller has it already.
     """
     class_probs = F.softmax(mask_cls, dim=-1)[:, :-1]
     scores, labels, queries = topk_query_class_pairs(class_probs, topk, thing_ids)
-    # Each query's mask score once (a query can be paired with several classes), from the full
-    # maps: gathering the [N, H, W] probabilities of the pairs would copy the largest tensor.
+    # The mask score of each paired query once (a query can be paired with several classes), one
+    # query at a time: the [N, H, W] probabilities of all pairs would be the largest tensor.
     inside = mask_pred.gt(0)
-    query_scores = mean_inside(mask_pred.sigmoid() if mask_probs is None else mask_probs, inside)
+    query_scores = mask_pred.new_zeros(len(mask_pred))
+    for query in queries.unique().tolist():
+        query_scores[query] = mean_inside(mask_pred[query : query + 1].sigmoid(), inside[query : query + 1])[0]
     return scored_instances(mask_pred.shape[-2:], scores, labels, query_scores[queries], inside[queries])
