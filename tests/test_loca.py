@@ -14,7 +14,7 @@ from kmax_m2f.data.datasets.image_folder import list_images
 from kmax_m2f.engine import Trainer
 from kmax_m2f.engine.optimizer import build_param_groups
 from kmax_m2f.evaluation import LocalizationEvaluator, build_evaluator
-from kmax_m2f.systems.loca import LOCA, LocaViewMapper, export_backbone, teacher_momentum
+from kmax_m2f.systems.loca import LocaViewMapper, export_backbone, teacher_momentum
 from kmax_m2f.systems.loca.losses import cluster_prediction_losses, global_mean, localization_loss, sinkhorn
 from kmax_m2f.systems.loca.views import (
     ColorAugmentation,
