@@ -41,6 +41,10 @@ def add_kmax_m2f_config(cfg: CN) -> None:
     # (kmax_m2f.data.file_cache); 0: decode every time. For small datasets seen many times, on
     # machines where the loader's workers compete with training for a few cores.
     cfg.DATALOADER.DECODED_FILE_CACHE_MB = 0
+    # Training only: a record whose image file is missing, empty, truncated or undecodable is
+    # replaced by another record (detectron2's loader draws one) with a warning that counts them,
+    # instead of stopping the run. Off by default: a broken file in a curated dataset is a bug.
+    cfg.DATALOADER.SKIP_UNREADABLE_IMAGES = False
 
     # Sliding-window inference of SlidingWindowSemanticSegmentor (mmseg's "slide" test mode):
     # CROP_SIZE windows STRIDE apart, logits averaged where they overlap.

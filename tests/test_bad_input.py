@@ -254,6 +254,18 @@ def test_unreadable_training_image_is_named(datasets_dir, tmp_path, damage):
     assert line.startswith(f"train_net.py: Image {image}") and ("empty" if damage == "empty" else "truncated") in line
 
 
+def test_unreadable_training_images_are_skipped_and_counted_when_asked(datasets_dir, tmp_path):
+    shutil.copytree(datasets_dir / "synthetic", tmp_path / "synthetic")
+    image = tmp_path / "synthetic" / "train" / "000002.jpg"
+    image.write_bytes(image.read_bytes()[:200])
+    result = run_tool(["tools/train_net.py", "--config-file", "tests/configs/tiny_struct_token.yaml",
+                       "OUTPUT_DIR", str(tmp_path / "out"), "DATALOADER.NUM_WORKERS", "0",
+                       "DATALOADER.SKIP_UNREADABLE_IMAGES", "True"], tmp_path, REPO)
+    log = result.stdout + result.stderr
+    assert f"Skipped: Image {image} cannot be decoded" in log
+    assert "1 unreadable image(s) skipped so far in this process" in log
+
+
 def test_demo_expands_folders_and_globs_and_names_a_bad_output(datasets_dir, tmp_path):
     images = tmp_path / "images"
     (images / "nested").mkdir(parents=True)

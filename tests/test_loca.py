@@ -11,6 +11,8 @@ from PIL import Image
 
 import kmax_m2f
 from kmax_m2f.data.datasets.image_folder import list_images
+from kmax_m2f.data.images import UnreadableImageError
+from kmax_m2f.data.mappers import build_mapper
 from kmax_m2f.engine import Trainer
 from kmax_m2f.engine.optimizer import build_param_groups
 from kmax_m2f.evaluation import LocalizationEvaluator, build_evaluator
@@ -134,12 +136,17 @@ def test_color_augmentations_keep_the_range_and_greyscale_is_grey():
 
 def test_unreadable_files_are_reported_and_skipped(tmp_path, caplog):
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-    mapper = LocaViewMapper(tiny_cfg(), is_train=True)
+    (tmp_path / "empty.png").write_bytes(b"")
+    mapper = build_mapper(tiny_cfg(), is_train=True)  # the LOCA configs skip unreadable files
     with caplog.at_level(logging.WARNING):
         assert mapper({"file_name": str(tmp_path / "broken.jpg"), "image_id": 0}) is None
-        assert mapper({"file_name": str(tmp_path / "broken.jpg"), "image_id": 0}) is None
-    assert mapper.num_unreadable == 2
-    assert "broken.jpg" in caplog.text and "2 file(s) skipped" in caplog.text
+        assert mapper({"file_name": str(tmp_path / "empty.png"), "image_id": 1}) is None
+    assert mapper.num_skipped == 2
+    assert "broken.jpg" in caplog.text and "empty.png" in caplog.text and "2 unreadable image(s) skipped" in caplog.text
+    with pytest.raises(UnreadableImageError, match="broken.jpg"):
+        build_mapper(tiny_cfg("DATALOADER.SKIP_UNREADABLE_IMAGES", "False"), is_train=True)(
+            {"file_name": str(tmp_path / "broken.jpg"), "image_id": 0}
+        )
 
 
 def test_image_folders_are_listed_recursively_and_registered_by_name(tmp_path):

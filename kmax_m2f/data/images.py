@@ -10,10 +10,14 @@ from PIL import Image, UnidentifiedImageError
 
 from .datasets.checks import DatasetError
 
-__all__ = ["read_image", "to_8_bit"]
+__all__ = ["UnreadableImageError", "read_image", "to_8_bit"]
 
 # PIL modes whose values may exceed 255: 16-bit grey (byte orders), 32-bit integer, float.
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+class UnreadableImageError(DatasetError):
+    """An image file that is missing, empty, truncated, not an image, or has no pixels."""
 
 
 def to_8_bit(image: Image.Image) -> Image.Image:
@@ -37,11 +41,14 @@ def to_8_bit(image: Image.Image) -> Image.Image:
 def read_image(file_name: str, format: str = None) -> np.ndarray:
     """:func:`detectron2.data.detection_utils.read_image` (EXIF orientation, conversion to
     ``format``), except that 16-bit, 32-bit and float grey images are first scaled to 8 bits by
-    :func:`to_8_bit`. Returns an [H, W, C] uint8 array for "RGB" / "BGR" / "L"."""
+    :func:`to_8_bit`. Returns an [H, W, C] uint8 array for "RGB" / "BGR" / "L".
+
+    Raises :class:`UnreadableImageError` naming the file when it cannot be read or has no pixels.
+    """
     try:
         with PathManager.open(file_name, "rb") as f:
             image = utils._apply_exif_orientation(Image.open(f))
-            return utils.convert_PIL_to_numpy(to_8_bit(image), format)
+            array = utils.convert_PIL_to_numpy(to_8_bit(image), format)
     except (UnidentifiedImageError, SyntaxError, OSError) as e:
         if isinstance(e, FileNotFoundError):
             problem = "does not exist"
@@ -49,4 +56,10 @@ def read_image(file_name: str, format: str = None) -> np.ndarray:
             problem = "is empty (0 bytes)"
         else:
             problem = f"cannot be decoded as an image ({e}): it is truncated, corrupt or not an image"
-        raise DatasetError(f"Image {file_name} {problem}. Replace it, or remove it and its annotations.") from e
+        raise UnreadableImageError(
+            f"Image {file_name} {problem}. Replace it, or remove it and its annotations "
+            "(or set DATALOADER.SKIP_UNREADABLE_IMAGES True to skip such images in training)."
+        ) from e
+    if array.size == 0:
+        raise UnreadableImageError(f"Image {file_name} has no pixels (shape {array.shape}). Replace or remove it.")
+    return array

@@ -1,8 +1,13 @@
+import logging
 from typing import Callable, Optional
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetMapper
 from detectron2.utils.registry import Registry
+
+from ..images import UnreadableImageError
+
+logger = logging.getLogger(__name__)
 
 MAPPER_REGISTRY = Registry("DATASET_MAPPER")
 MAPPER_REGISTRY.__doc__ = """
@@ -20,15 +25,37 @@ def detectron2_default(cfg: CfgNode, is_train: bool = True) -> DatasetMapper:
     return DatasetMapper(cfg, is_train)
 
 
-def build_mapper(cfg: CfgNode, is_train: bool = True) -> Callable[[dict], dict]:
-    """The mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME``."""
+class SkipUnreadableImages:
+    """A training mapper that returns None for a record whose image cannot be read, so that
+    detectron2's ``MapDataset`` draws another record, and warns with the running count (per
+    data-loader process: each worker counts its own)."""
+
+    def __init__(self, mapper: Callable[[dict], Optional[dict]]):
+        self.mapper = mapper
+        self.num_skipped = 0
+
+    def __call__(self, dataset_dict: dict) -> Optional[dict]:
+        try:
+            return self.mapper(dataset_dict)
+        except UnreadableImageError as e:
+            self.num_skipped += 1
+            logger.warning("Skipped: %s %d unreadable image(s) skipped so far in this process.", e, self.num_skipped)
+            return None
+
+
+def build_mapper(cfg: CfgNode, is_train: bool = True) -> Callable[[dict], Optional[dict]]:
+    """The mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME``; in training, wrapped by
+    :class:`SkipUnreadableImages` when ``cfg.DATALOADER.SKIP_UNREADABLE_IMAGES``."""
     name = cfg.INPUT.DATASET_MAPPER_NAME
     if name not in MAPPER_REGISTRY:
         raise KeyError(
             f"INPUT.DATASET_MAPPER_NAME={name!r} is not a registered mapper; choose one of "
             f"{sorted(k for k, _ in MAPPER_REGISTRY)}."
         )
-    return MAPPER_REGISTRY.get(name)(cfg, is_train)
+    mapper = MAPPER_REGISTRY.get(name)(cfg, is_train)
+    if is_train and cfg.DATALOADER.SKIP_UNREADABLE_IMAGES:
+        return SkipUnreadableImages(mapper)
+    return mapper
 
 
 def build_test_mapper(cfg: CfgNode) -> Optional[Callable[[dict], dict]]:

@@ -1,14 +1,11 @@
 """The ``loca`` dataset mapper: any record with a ``file_name`` (a catalog dataset's or an image
 folder's) -> LOCA's reference view, large query and focal queries with their correspondences."""
-import logging
 import zlib
-from typing import Optional
 
 import numpy as np
 import torch
 from detectron2.config import CfgNode, configurable
 
-from ...data.datasets.checks import DatasetError
 from ...data.images import read_image
 from ...data.mappers.build import MAPPER_REGISTRY
 from .views import (
@@ -22,13 +19,6 @@ from .views import (
 
 __all__ = ["LocaViewMapper", "loca"]
 
-logger = logging.getLogger(__name__)
-
-# What a corrupt or truncated image file raises while being decoded (PIL raises SyntaxError on
-# some broken headers).
-# read_image reports empty, truncated and undecodable files as DatasetError.
-_DECODE_ERRORS = (DatasetError, ValueError)
-
 
 def _to_uint8(view: torch.Tensor) -> torch.Tensor:
     """[3, h, w] float in [0, 1] -> uint8 in [0, 255] (a quarter of the memory in the loader)."""
@@ -38,7 +28,7 @@ def _to_uint8(view: torch.Tensor) -> torch.Tensor:
 class LocaViewMapper:
     """Cuts one reference view and ``1 + num_focal_queries`` query views from an image.
 
-    Returns, for a readable image, its ``file_name``, ``image_id``, ``height`` and ``width`` and::
+    Returns its ``file_name``, ``image_id``, ``height`` and ``width`` and::
 
         reference         [3, R, R] uint8   reference view (colour-jittered, not flipped)
         query             [3, Q, Q] uint8   the large query
@@ -48,8 +38,9 @@ class LocaViewMapper:
         focal_positions   [F, (S / p)^2] int64
         reference_keep_start  int: first of the contiguous reference tokens the position head sees
 
-    and ``None`` for a file that cannot be decoded (reported with its name; detectron2's loader
-    then draws another image). Training draws from numpy's global generator; evaluation from
+    A file that cannot be read raises :class:`~kmax_m2f.data.images.UnreadableImageError`; the
+    LOCA configs set ``DATALOADER.SKIP_UNREADABLE_IMAGES`` so that training skips such files
+    with a counted warning (web-crawled folders often hold a few). Training draws from numpy's global generator; evaluation from
     one seeded by the file name, so the held-out views are the same at every evaluation.
     """
 
@@ -97,7 +88,6 @@ class LocaViewMapper:
         self.reference_colors = reference_colors
         self.query_colors = query_colors
         self.large_query_colors = large_query_colors
-        self.num_unreadable = 0
 
     @classmethod
     def from_config(cls, cfg: CfgNode, is_train: bool = True) -> dict:
@@ -134,28 +124,14 @@ class LocaViewMapper:
             return np.random.mtrand._rand
         return np.random.RandomState(zlib.crc32(str(dataset_dict["file_name"]).encode()))
 
-    def _read(self, file_name: str) -> Optional[torch.Tensor]:
-        try:
-            image = read_image(file_name, format=self.image_format)
-        except _DECODE_ERRORS as e:
-            self.num_unreadable += 1
-            logger.warning(
-                "Skipping %s: it cannot be read as an image (%s: %s); %d file(s) skipped so far in this process.",
-                file_name, type(e).__name__, e, self.num_unreadable,
-            )
-            return None
-        if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-            self.num_unreadable += 1
-            logger.warning("Skipping %s: empty image of shape %s.", file_name, image.shape)
-            return None
+    def _read(self, file_name: str) -> torch.Tensor:
+        image = read_image(file_name, format=self.image_format)
         if self.image_format == "BGR":
             image = image[:, :, ::-1]
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
-    def __call__(self, dataset_dict: dict) -> Optional[dict]:
+    def __call__(self, dataset_dict: dict) -> dict:
         image = self._read(dataset_dict["file_name"])
-        if image is None:
-            return None
         rng = self._random_state(dataset_dict)
         height, width = image.shape[-2:]
 
