@@ -686,7 +686,7 @@ def _compare_args(parser: argparse.ArgumentParser) -> None:
                              "compare both)")
     parser.add_argument("--cases", default=",".join(COMPARE_CASES), help=f"comma-separated, of {', '.join(COMPARE_CASES)}")
     parser.add_argument("--rounds", type=int, default=2, help="fresh process pairs per case, order alternating")
-    parser.add_argument("--measure", nargs=2, metavar=("SIDE", "CASE"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", nargs=3, metavar=("SIDE", "CASE", "METRIC"), help=argparse.SUPPRESS)
 
 
 def _official_root(roots: list[str], system: str) -> str | None:
@@ -789,21 +789,25 @@ def _compare_step(args: argparse.Namespace, side: str, case: str) -> Callable[[]
 
 
 def _compare_measure(args: argparse.Namespace) -> dict:
-    side, case = args.measure
+    """One process's figures: "time" runs warm-ups then timed calls; "memory" one call, whose
+    peak RSS (and increase over the RSS before it) it reports."""
+    side, case, metric = args.measure
     step = _compare_step(args, side, case)
     gc.collect()
-    rss_before = _current_rss_bytes()
-    exact = _reset_peak_rss()
-    step()  # the first call: the memory figures, and the first warm-up
-    peak = _peak_rss_bytes(exact)
-    for _ in range(args.warmup - 1):
+    if metric == "memory":
+        rss_before = _current_rss_bytes()
+        exact = _reset_peak_rss()
+        step()
+        peak = _peak_rss_bytes(exact)
+        return {"peak_mib": peak / MIB, "increase_mib": (peak - rss_before) / MIB, "exact": exact}
+    for _ in range(args.warmup):
         step()
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"times_s": times, "peak_mib": peak / MIB, "increase_mib": (peak - rss_before) / MIB, "exact": exact}
+    return {"times_s": times}
 
 
 def _compare_run(args: argparse.Namespace) -> None:
@@ -827,10 +831,11 @@ def _compare_run(args: argparse.Namespace) -> None:
     for root in roots:
         common += ["--official-root", root]
     print(f"Official implementations and kmax_m2f side by side: each figure from a fresh process, {args.rounds} "
-          f"process(es) per side and case, the two sides alternating; the same inputs, outputs, threads and allocator "
-          f"setting (glibc mmap threshold fixed) on both; {_machine_description('cpu', args.threads)}; per process "
-          f"{args.repeats} timed calls after {args.warmup} warm-up(s). Memory: peak RSS of the process, and its "
-          f"increase during the first call.\n")
+          f"round(s) per case, the two sides alternating; the same inputs, outputs and threads on both; "
+          f"{_machine_description('cpu', args.threads)}. Time: {args.repeats} timed calls after {args.warmup} "
+          f"warm-up(s) per process, glibc's default allocator. Memory: a process of its own per side and round with "
+          f"glibc's mmap threshold fixed (freed blocks return to the system, so the resident set follows the live "
+          f"tensors): its peak RSS during the first call, and the increase over the RSS before that call.\n")
     print("| case | official s (min / median / max) | ours s (min / median / max) | official / ours | "
           "official peak RSS MiB (increase) | ours peak RSS MiB (increase) | ours / official peak RSS |")
     print("|---|---|---|---:|---:|---:|---:|")
@@ -840,7 +845,10 @@ def _compare_run(args: argparse.Namespace) -> None:
             order = ("official", "ours") if round_index % 2 == 0 else ("ours", "official")
             for side in order:
                 print(f"measuring {case}, {side}, round {round_index + 1} ...", file=sys.stderr)
-                results[side].append(_run_child(common + ["--measure", side, case], args.threads, "memory"))
+                run = {}
+                for metric in ("time", "memory"):
+                    run.update(_run_child(common + ["--measure", side, case, metric], args.threads, metric))
+                results[side].append(run)
         summary = {}
         for side, runs in results.items():
             times = sorted(t for run in runs for t in run["times_s"])
