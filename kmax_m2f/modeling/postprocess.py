@@ -6,6 +6,7 @@ Inputs are one image's predictions: class logits / probabilities [Q, K(+1)], mas
 from typing import Optional
 
 import torch
+from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import Boxes, Instances
 
 
@@ -55,6 +56,17 @@ def paint_segments(
         segments_info.append(info)
     lookup = torch.tensor(segment_of_mask, dtype=torch.int32, device=owner.device)
     return lookup[owner + 1], segments_info
+
+
+def resize_to_output(result: torch.Tensor, image_size: tuple[int, int], height: int, width: int) -> torch.Tensor:
+    """detectron2's ``sem_seg_postprocess``: [C, H_pad, W_pad] -> [C, height, width] (crop the
+    padding of an ``image_size`` image, resize). When the output has the image's own size the
+    resize is the identity, and the crop is returned as a view of ``result``: the resize would
+    still cost a full-resolution copy (100 masks at 800x1333: 430 MB and 170 ms on 2 CPU cores).
+    """
+    if (int(height), int(width)) == (int(image_size[0]), int(image_size[1])):
+        return result[:, : int(height), : int(width)]
+    return sem_seg_postprocess(result, image_size, height, width)
 
 
 def boxes_from_masks(masks: torch.Tensor) -> Boxes:

@@ -8,9 +8,9 @@ from typing import Optional
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, SemanticSegmentor
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
+from ..postprocess import resize_to_output
 from .common import check_num_classes
 from .mask_classification import SEMANTIC
 
@@ -88,7 +88,7 @@ class SlidingWindowSemanticSegmentor(SemanticSegmentor):
             logits = self.sliding_window_logits(image)
             height, width = image.shape[-2:]
             output_size = (inputs.get("height", height), inputs.get("width", width))
-            results.append({"sem_seg": sem_seg_postprocess(logits, (height, width), *output_size)})
+            results.append({"sem_seg": resize_to_output(logits, (height, width), *output_size)})
         return results
 
     def sliding_window_logits(self, image: torch.Tensor) -> torch.Tensor:

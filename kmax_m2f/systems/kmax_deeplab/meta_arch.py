@@ -60,11 +60,17 @@ def masks_to_image(mask_logits: torch.Tensor, real_size: tuple[int, int], padded
     # The size the full upsampling would give these rows: (k - 1) * 4 + 1 on the align-corners grid
     # (pixel 4i sits on row i), 4k on the half-pixel grid; both keep the full upsampling's scale.
     upsampled_size = ((rows - 1) * 4 + 1, (cols - 1) * 4 + 1) if align_corners else (rows * 4, cols * 4)
+    # A resize to the size it already has is the identity, and is skipped.
+    same_size = tuple(output_size) == tuple(real_size)
+    if same_size and tuple(upsampled_size) == tuple(real_size):
+        # Nothing to crop or resize: one upsampling straight into the result, no intermediate.
+        return F.interpolate(cropped[None], size=upsampled_size, mode="bilinear", align_corners=align_corners)[0]
     chunks = []
     for chunk in cropped.split(_UPSAMPLE_CHUNK):
         full = F.interpolate(chunk[None], size=upsampled_size, mode="bilinear", align_corners=align_corners)
-        real = full[..., : real_size[0], : real_size[1]]
-        chunks.append(F.interpolate(real, size=output_size, mode="bilinear", align_corners=align_corners)[0])
+        real = full[0, :, : real_size[0], : real_size[1]]
+        chunks.append(real if same_size else F.interpolate(
+            real[None], size=output_size, mode="bilinear", align_corners=align_corners)[0])
     return torch.cat(chunks)
 
 

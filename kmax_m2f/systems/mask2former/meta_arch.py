@@ -4,7 +4,6 @@ semantic, panoptic and instance post-processing."""
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList, Instances
 from detectron2.utils.memory import retry_if_cuda_oom
 from torch.nn import functional as F
@@ -12,6 +11,7 @@ from torch.nn import functional as F
 from ...modeling.matcher import HungarianMatcher
 from ...modeling.meta_arch.common import thing_ids
 from ...modeling.meta_arch.mask_classification import MaskClassificationModel
+from ...modeling.postprocess import resize_to_output
 from ...modeling.set_criterion import build_weight_dict
 from .criterion import SetCriterion
 from .postprocess import instance_inference, panoptic_inference, semantic_inference
@@ -128,14 +128,14 @@ class MaskFormer(MaskClassificationModel):
         width = inputs.get("width", image_size[1])
         result = {}
         if self.sem_seg_postprocess_before_inference:
-            mask_pred = retry_if_cuda_oom(sem_seg_postprocess)(mask_pred, image_size, height, width)
+            mask_pred = retry_if_cuda_oom(resize_to_output)(mask_pred, image_size, height, width)
             mask_cls = mask_cls.to(mask_pred)
         # Each output takes the mask probabilities it needs and drops them: one [Q, H, W] sigmoid
         # kept for all three would be the largest tensor alive at full resolution.
         if self.semantic_on:
             semantic = retry_if_cuda_oom(semantic_inference)(mask_cls, mask_pred)
             if not self.sem_seg_postprocess_before_inference:
-                semantic = retry_if_cuda_oom(sem_seg_postprocess)(semantic, image_size, height, width)
+                semantic = retry_if_cuda_oom(resize_to_output)(semantic, image_size, height, width)
             result["sem_seg"] = semantic
         if self.panoptic_on:
             result["panoptic_seg"] = retry_if_cuda_oom(panoptic_inference)(
