@@ -2,8 +2,11 @@
 import pytest
 import torch
 from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
+from detectron2.modeling.postprocessing import sem_seg_postprocess
 
 import kmax_m2f
+from kmax_m2f.modeling.postprocess import resize_to_output
 from kmax_m2f.systems.mask2former import MSDeformAttnPixelDecoder, MultiScaleMaskedTransformerDecoder
 from kmax_m2f.systems.mask2former.postprocess import instance_inference, panoptic_inference, semantic_inference
 from kmax_m2f.systems.mask2former.transformer_decoder import CrossAttentionLayer, masked_attention_mask
@@ -159,3 +162,22 @@ def test_mean_inside_is_the_masked_mean_of_each_map():
     expected = (probs.flatten(1) * masks.flatten(1)).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
     torch.testing.assert_close(mean_inside(probs, masks), expected)
     assert mean_inside(probs[:0], masks[:0]).shape == (0,)
+
+
+def test_resize_to_output_is_detectron2s_postprocess_and_a_view_at_the_image_size():
+    padded = torch.randn(5, 40, 64)
+    same = resize_to_output(padded, (37, 60), 37, 60)
+    assert torch.equal(same, sem_seg_postprocess(padded, (37, 60), 37, 60))
+    assert same.data_ptr() == padded.data_ptr()  # a crop view: no full-resolution copy
+    assert torch.equal(resize_to_output(padded, (37, 60), 74, 120), sem_seg_postprocess(padded, (37, 60), 74, 120))
+
+
+def test_pixel_decoder_levels_are_contiguous_maps():
+    cfg = kmax_m2f.build_config("tests/configs/tiny_maskformer_panoptic.yaml")
+    model = build_model(cfg).eval()
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        features = model.backbone(images)
+        _, _, multi_scale = model.sem_seg_head.pixel_decoder.forward_features(features)
+    # The upsampling of a channels-last view is several times slower on the CPU.
+    assert all(level.is_contiguous() for level in multi_scale)
