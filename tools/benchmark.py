@@ -77,8 +77,8 @@ def _peak_rss_bytes(was_reset: bool) -> int:
     return max_rss if sys.platform == "darwin" else max_rss * 1024
 
 
-def _measure_time(step: Callable[[], object], device: str, repeats: int, warmup: int) -> float:
-    """Median wall time of ``step`` in milliseconds, after ``warmup`` untimed calls."""
+def _call_times(step: Callable[[], object], device: str, repeats: int, warmup: int) -> list[float]:
+    """Wall times of ``repeats`` calls of ``step`` in seconds, after ``warmup`` untimed calls."""
     import torch
 
     def synchronize() -> None:
@@ -95,7 +95,22 @@ def _measure_time(step: Callable[[], object], device: str, repeats: int, warmup:
         synchronize()
         times.append(time.perf_counter() - start)
         del result
-    return 1000 * statistics.median(times)
+    return times
+
+
+def _measure_time(step: Callable[[], object], device: str, repeats: int, warmup: int) -> float:
+    """Median wall time of ``step`` in milliseconds, after ``warmup`` untimed calls."""
+    return 1000 * statistics.median(_call_times(step, device, repeats, warmup))
+
+
+def _first_call_rss(step: Callable[[], object]) -> tuple[int, int, bool]:
+    """(resident set size before, peak during) the first call of ``step`` in bytes, and whether
+    the peak is exact (see the module docstring)."""
+    gc.collect()
+    rss_before = _current_rss_bytes()
+    exact = _reset_peak_rss()
+    step()
+    return rss_before, _peak_rss_bytes(exact), exact
 
 
 def _measure_peak_memory(step: Callable[[], object], device: str) -> tuple[float, bool]:
@@ -103,18 +118,16 @@ def _measure_peak_memory(step: Callable[[], object], device: str) -> tuple[float
     whether the figure is exact (see the module docstring)."""
     import torch
 
-    gc.collect()
     if device == "cuda":
+        gc.collect()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         memory_before = torch.cuda.memory_allocated()
         step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - memory_before) / MIB, True
-    rss_before = _current_rss_bytes()
-    exact = _reset_peak_rss()
-    step()
-    return (_peak_rss_bytes(exact) - rss_before) / MIB, exact
+    rss_before, peak, exact = _first_call_rss(step)
+    return (peak - rss_before) / MIB, exact
 
 
 def _run_child(command: list[str], threads: int, metric: str) -> dict:
@@ -226,6 +239,21 @@ def _ms_deform_attn_inputs(args: argparse.Namespace) -> tuple:
     return tuple(tensor.to(args.device) for tensor in tensors), grad_output.to(args.device)
 
 
+def _ms_deform_attn_forward_backward(function: Callable, inputs: tuple, grad_output) -> Callable[[], tuple]:
+    """A call of the op ``function(value, spatial_shapes, level_start_index, locations, weights)``
+    on fresh leaves of ``inputs`` that returns the gradients of value, locations and weights."""
+    import torch
+
+    value, spatial_shapes, level_start_index, locations, weights = inputs
+
+    def forward_backward() -> tuple[torch.Tensor, ...]:
+        leaves = [tensor.detach().requires_grad_(True) for tensor in (value, locations, weights)]
+        output = function(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2])
+        return torch.autograd.grad(output, leaves, grad_output)
+
+    return forward_backward
+
+
 def _ms_deform_attn_measure(args: argparse.Namespace) -> dict:
     import torch
 
@@ -236,19 +264,12 @@ def _ms_deform_attn_measure(args: argparse.Namespace) -> dict:
         implementation
     ]
     inputs, grad_output = _ms_deform_attn_inputs(args)
-    value, spatial_shapes, level_start_index, locations, weights = inputs
-    differentiable = (value, locations, weights)
 
     def forward() -> torch.Tensor:
         with torch.no_grad():
             return function(*inputs)
 
-    def forward_backward() -> tuple[torch.Tensor, ...]:
-        leaves = [tensor.detach().requires_grad_(True) for tensor in differentiable]
-        output = function(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2])
-        return torch.autograd.grad(output, leaves, grad_output)
-
-    step = forward if mode == "forward" else forward_backward
+    step = forward if mode == "forward" else _ms_deform_attn_forward_backward(function, inputs, grad_output)
     if metric == "time":
         return {"time_ms": _measure_time(step, args.device, args.repeats, args.warmup)}
     peak_mib, exact = _measure_peak_memory(step, args.device)
@@ -738,26 +759,20 @@ def _compare_step(args: argparse.Namespace, side: str, case: str) -> Callable[[]
         op_args = argparse.Namespace(batch=batch, levels=f"{height // 8}x{width // 8},{height // 16}x{width // 16},"
                                      f"{height // 32}x{width // 32}", heads=8, head_dim=32, points=4, device="cpu",
                                      locations=what[len("op-"):])
-        (value, shapes, starts, locations, weights), grad_output = _ms_deform_attn_inputs(op_args)
+        inputs, grad_output = _ms_deform_attn_inputs(op_args)
         if side == "official":
             _import_official(_official_root(args.official_root, system), system)
             from mask2former.modeling.pixel_decoder.ops.functions.ms_deform_attn_func import (
                 ms_deform_attn_core_pytorch,
             )
 
-            def function(v, loc, w):
-                return ms_deform_attn_core_pytorch(v, shapes, loc, w)
+            def function(value, shapes, starts, locations, weights):
+                return ms_deform_attn_core_pytorch(value, shapes, locations, weights)
         else:
             from kmax_m2f.layers.ms_deform_attn import MSDeformAttnFunction
 
-            def function(v, loc, w):
-                return MSDeformAttnFunction.apply(v, shapes, starts, loc, w)
-
-        def op_step():
-            leaves = [t.detach().requires_grad_(True) for t in (value, locations, weights)]
-            return torch.autograd.grad(function(*leaves), leaves, grad_output)
-
-        return op_step
+            function = MSDeformAttnFunction.apply
+        return _ms_deform_attn_forward_backward(function, inputs, grad_output)
     if side == "official":
         cfg, model = _official_model(_official_root(args.official_root, system), system, height, width)
     else:
@@ -793,21 +808,10 @@ def _compare_measure(args: argparse.Namespace) -> dict:
     peak RSS (and increase over the RSS before it) it reports."""
     side, case, metric = args.measure
     step = _compare_step(args, side, case)
-    gc.collect()
     if metric == "memory":
-        rss_before = _current_rss_bytes()
-        exact = _reset_peak_rss()
-        step()
-        peak = _peak_rss_bytes(exact)
+        rss_before, peak, exact = _first_call_rss(step)
         return {"peak_mib": peak / MIB, "increase_mib": (peak - rss_before) / MIB, "exact": exact}
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {"times_s": times}
+    return {"times_s": _call_times(step, "cpu", args.repeats, args.warmup)}
 
 
 def _compare_run(args: argparse.Namespace) -> None:

@@ -57,10 +57,13 @@ def panoptic_inference(
     # 641): areas are counted one mask at a time (exact in any order), and threshold (x where
     # x > t, else 0) is the product of the probabilities with the binary masks, value for value,
     # summed in the same order.
-    areas = torch.stack([mask.sum() for mask in binary_masks]) if len(binary_masks) else mask_cls.new_zeros(0, dtype=torch.long)
-    masked_probs = F.threshold(mask_probs, pixel_confidence_threshold, 0.0)
-    mean_mask_probs = masked_probs.flatten(1).sum(1) / areas.clamp(min=1)
-    del masked_probs
+    areas = (
+        torch.stack([mask.sum() for mask in binary_masks])
+        if len(binary_masks)
+        else mask_cls.new_zeros(0, dtype=torch.long)
+    )
+    masked_probs_sums = F.threshold(mask_probs, pixel_confidence_threshold, 0.0).flatten(1).sum(1)
+    mean_mask_probs = masked_probs_sums / areas.clamp(min=1)
     reorder_scores = class_scores.pow(reorder_class_weight) * mean_mask_probs.pow(reorder_mask_weight)
 
     class_thresholds = torch.where(is_thing(labels, thing_ids), class_threshold_thing, class_threshold_stuff)

@@ -40,8 +40,9 @@ class LocaViewMapper:
 
     A file that cannot be read raises :class:`~kmax_m2f.data.images.UnreadableImageError`; the
     LOCA configs set ``DATALOADER.SKIP_UNREADABLE_IMAGES`` so that training skips such files
-    with a counted warning (web-crawled folders often hold a few). Training draws from numpy's global generator; evaluation from
-    one seeded by the file name, so the held-out views are the same at every evaluation.
+    with a counted warning (web-crawled folders often hold a few). Training draws from numpy's
+    global generator; evaluation from one seeded by the file name, so the held-out views are the
+    same at every evaluation.
     """
 
     @configurable
