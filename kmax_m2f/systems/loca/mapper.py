@@ -1,5 +1,6 @@
 """The ``loca`` dataset mapper: any record with a ``file_name`` (a catalog dataset's or an image
 folder's) -> LOCA's reference view, large query and focal queries with their correspondences."""
+import os
 import zlib
 
 import numpy as np
@@ -41,8 +42,9 @@ class LocaViewMapper:
     A file that cannot be read raises :class:`~kmax_m2f.data.images.UnreadableImageError`; the
     LOCA configs set ``DATALOADER.SKIP_UNREADABLE_IMAGES`` so that training skips such files
     with a counted warning (web-crawled folders often hold a few). Training draws from numpy's
-    global generator; evaluation from one seeded by the file name, so the held-out views are the
-    same at every evaluation.
+    global generator; evaluation from one seeded by the record's ``image_id`` and the file's base
+    name (not its full path), so the held-out views are the same at every evaluation and wherever
+    the dataset root lies.
     """
 
     @configurable
@@ -123,7 +125,9 @@ class LocaViewMapper:
     def _random_state(self, dataset_dict: dict) -> np.random.RandomState:
         if self.is_train:
             return np.random.mtrand._rand
-        return np.random.RandomState(zlib.crc32(str(dataset_dict["file_name"]).encode()))
+        image_id = dataset_dict.get("image_id", "")
+        key = f"{image_id}:{os.path.basename(str(dataset_dict['file_name']))}"
+        return np.random.RandomState(zlib.crc32(key.encode()))
 
     def _read(self, file_name: str) -> torch.Tensor:
         image = read_image(file_name, format=self.image_format)
