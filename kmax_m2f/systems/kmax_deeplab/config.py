@@ -67,6 +67,9 @@ def add_config(cfg: CN) -> None:
     kmax.PIXEL_DEC.LAYER_TYPES = ["axial", "axial", "bottleneck", "bottleneck"]
     kmax.PIXEL_DEC.DEC_CHANNELS = [512, 256, 128, 64]
     kmax.PIXEL_DEC.DROP_PATH_PROB = 0.0
+    # Recompute each pixel-decoder block in backward instead of keeping its activations: less
+    # training memory for more time (BENCHMARKS.md has both).
+    kmax.PIXEL_DEC.ACTIVATION_CHECKPOINT = False
 
     # kMaX decoder: DEC_LAYERS k-means layers on the stride-32 / 16 / 8 pixel features, whose
     # channels are IN_CHANNELS[:3]; IN_CHANNELS[3] is the stride-4 feature of the final

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import StochasticDepth
+
 from ...layers.precision import at_least_float32
+from ...layers.recompute import checkpointed_call
 
 __all__ = [
     "MAX_SPAN",
@@ -424,6 +426,8 @@ class BlockGroup(nn.Module):
 
     axial: conv1 2b -> attention (key depth b, value depth 2b) -> 4b;
     bottleneck: conv1 b -> 3x3 b -> 4b  (deeplab2's axial_block_groups).
+    With ``activation_checkpoint`` each block keeps only its input for backward and runs again
+    there.
     """
 
     def __init__(
@@ -436,8 +440,10 @@ class BlockGroup(nn.Module):
         *,
         drop_path_prob: float = 0.0,
         norm: str = "SyncBN",
+        activation_checkpoint: bool = False,
     ):
         super().__init__()
+        self.activation_checkpoint = activation_checkpoint
         if block_type == "axial":
             filter_list = (2 * base_filter, base_filter, 4 * base_filter)
         else:
@@ -455,5 +461,5 @@ class BlockGroup(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, inplanes, H, W] -> [B, 4 * base_filter, H, W]."""
         for block in self._blocks:
-            x = block(x)
+            x = checkpointed_call(block, x) if self.activation_checkpoint else block(x)
         return x

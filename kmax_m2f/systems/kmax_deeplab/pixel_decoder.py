@@ -99,6 +99,7 @@ class kMaXPixelDecoder(nn.Module):
         drop_path_prob: float,
         spatial_shape: Union[int, Sequence[int]],
         norm: str = "SyncBN",
+        activation_checkpoint: bool = False,
     ):
         """
         Args:
@@ -110,6 +111,8 @@ class kMaXPixelDecoder(nn.Module):
             spatial_shape: the fixed input size (H, W), or one int for a square; sizes the
                 relative position encodings of the axial blocks.
             norm: batch-norm type of every layer, see :func:`kmax_layers.get_kmax_norm`.
+            activation_checkpoint: recompute every block in backward instead of keeping its
+                activations (less training memory for more time).
         """
         super().__init__()
         ordered = sorted(input_shape.items(), key=lambda item: -item[1].stride)
@@ -139,7 +142,7 @@ class kMaXPixelDecoder(nn.Module):
             stages.append(
                 BlockGroup(
                     inplanes, dec_channels[i], dec_layers[i], layer_types[i], query_shape,
-                    drop_path_prob=drop_path_prob, norm=norm,
+                    drop_path_prob=drop_path_prob, norm=norm, activation_checkpoint=activation_checkpoint,
                 )
             )
             if i > 0:
@@ -158,6 +161,7 @@ class kMaXPixelDecoder(nn.Module):
             "drop_path_prob": dec.DROP_PATH_PROB,
             "spatial_shape": fixed_image_size(cfg),
             "norm": cfg.MODEL.KMAX_DEEPLAB.NORM,
+            "activation_checkpoint": dec.ACTIVATION_CHECKPOINT,
         }
 
     def forward_features(

@@ -52,6 +52,9 @@ def add_config(cfg: CN) -> None:
     head = cfg.MODEL.SEM_SEG_HEAD
     head.MASK_DIM = 256
     head.TRANSFORMER_ENC_LAYERS = 6
+    # Recompute each deformable encoder layer in backward instead of keeping its activations:
+    # less training memory for more time (BENCHMARKS.md has both).
+    head.TRANSFORMER_ENC_ACTIVATION_CHECKPOINT = False
     head.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
     head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4

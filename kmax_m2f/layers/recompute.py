@@ -1,0 +1,40 @@
+"""Activation checkpointing that leaves batch-norm running statistics as one forward pass left them."""
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["checkpointed_call"]
+
+
+@contextlib.contextmanager
+def _running_stats_kept(module: nn.Module) -> Iterator[None]:
+    """Restore the running statistics of every batch norm in ``module`` on exit: the
+    recomputation in backward is not a second training step, and a second update (or a second
+    count in ``num_batches_tracked``) would shift the statistics evaluation uses."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+    try:
+        yield
+    finally:
+        for norm, (mean, var, count) in zip(norms, saved):
+            norm.running_mean.copy_(mean)
+            norm.running_var.copy_(var)
+            norm.num_batches_tracked.copy_(count)
+
+
+def checkpointed_call(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """``module(*inputs)``, keeping only ``inputs`` for the backward pass, which runs ``module``
+    again to get what its own backward needs (``torch.utils.checkpoint``, non-reentrant).
+
+    The random state is replayed, so dropout and drop path draw the same in both passes; batch
+    norms update their running statistics once. Without gradients (inference) it is a plain call.
+    """
+    if not torch.is_grad_enabled():
+        return module(*inputs)
+    return checkpoint(
+        module, *inputs, use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _running_stats_kept(module)),
+    )

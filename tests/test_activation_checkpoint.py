@@ -1,0 +1,129 @@
+"""Activation checkpointing: the same values, gradients and batch-norm statistics as the plain
+forward pass, with fewer activations kept for backward."""
+import torch
+from detectron2.layers import ShapeSpec
+from torch import nn
+
+from kmax_m2f.layers.recompute import checkpointed_call
+from kmax_m2f.systems.kmax_deeplab.layers import SingleBlock
+from kmax_m2f.systems.kmax_deeplab.pixel_decoder import kMaXPixelDecoder
+from kmax_m2f.systems.mask2former import MSDeformAttnPixelDecoder
+
+from .test_mask2former_modules import SHAPES as M2F_SHAPES
+from .test_mask2former_modules import _tiny_cfg as m2f_tiny_cfg
+
+
+def _saved_bytes(model: nn.Module, run) -> tuple[object, int]:
+    """(run(), bytes of the distinct non-parameter tensors autograd keeps for backward)."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in parameters:
+            saved[pointer] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = run()
+    return result, sum(saved.values())
+
+
+def _assert_same_step(plain: nn.Module, checkpointed: nn.Module, forward, max_saved_fraction: float) -> None:
+    """Both modules take one training step's forward and backward from the same random state:
+    equal outputs, parameter gradients and buffers (batch-norm statistics); at most
+    ``max_saved_fraction`` of the saved bytes."""
+    results = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(0)
+        output, saved = _saved_bytes(model, lambda: forward(model))
+        output.backward()
+        results.append((output.detach(), saved))
+    (plain_out, plain_saved), (checkpointed_out, checkpointed_saved) = results
+    torch.testing.assert_close(checkpointed_out, plain_out)
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    for (name, b), c in zip(plain.named_buffers(), checkpointed.buffers()):
+        torch.testing.assert_close(c, b, msg=name)
+    assert checkpointed_saved < max_saved_fraction * plain_saved, (checkpointed_saved, plain_saved)
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(8, 4, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class _Stack(nn.Module):
+    def __init__(self, checkpoint: bool) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block() for _ in range(3))
+        self.checkpoint = checkpoint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = checkpointed_call(block, x) if self.checkpoint else block(x)
+        return x
+
+
+def test_checkpointed_call_replays_dropout_and_updates_batch_norm_once():
+    torch.manual_seed(1)
+    plain = _Stack(checkpoint=False).train()
+    checkpointed = _Stack(checkpoint=True).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    _assert_same_step(plain, checkpointed, lambda model: model(x).square().mean(), max_saved_fraction=0.5)
+    assert all(block.layers[1].num_batches_tracked.item() == 1 for block in checkpointed.blocks)
+
+
+def test_checkpointed_call_without_gradients_is_a_plain_call():
+    block = _Block().eval()
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(checkpointed_call(block, x), block(x))
+
+
+def test_mask2former_encoder_checkpoint_keeps_the_gradients():
+    torch.manual_seed(0)
+    plain = MSDeformAttnPixelDecoder(m2f_tiny_cfg(), M2F_SHAPES).train()
+    cfg = m2f_tiny_cfg()
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_ACTIVATION_CHECKPOINT = True
+    checkpointed = MSDeformAttnPixelDecoder(cfg, M2F_SHAPES).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    assert checkpointed.transformer.encoder.activation_checkpoint
+    features = {k: torch.randn(2, v.channels, 64 // v.stride, 96 // v.stride) for k, v in M2F_SHAPES.items()}
+
+    def decoder_loss(model: MSDeformAttnPixelDecoder) -> torch.Tensor:
+        mask_features, _, multi_scale = model.forward_features(features)
+        return mask_features.square().mean() + sum(level.square().mean() for level in multi_scale)
+
+    # The FPN and the projections still keep theirs.
+    _assert_same_step(plain, checkpointed, decoder_loss, max_saved_fraction=0.6)
+
+
+def test_kmax_pixel_decoder_checkpoint_keeps_gradients_drop_path_and_batch_norm_statistics():
+    shapes = {
+        "res2": ShapeSpec(channels=8, stride=4), "res3": ShapeSpec(channels=16, stride=8),
+        "res4": ShapeSpec(channels=24, stride=16), "res5": ShapeSpec(channels=32, stride=32),
+    }
+    args = dict(dec_layers=[1, 2, 1, 1], dec_channels=[16, 8, 8, 4], layer_types=["axial", "axial", "bottleneck",
+                "bottleneck"], drop_path_prob=0.3, spatial_shape=65, norm="BN")
+    plain = kMaXPixelDecoder(shapes, **args).train()
+    checkpointed = kMaXPixelDecoder(shapes, **args, activation_checkpoint=True).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    for model in (plain, checkpointed):
+        for module in model.modules():
+            if isinstance(module, SingleBlock):  # open the gamma-zero residual branches
+                nn.init.ones_(module._conv3_bn.norm.weight)
+    features = {k: torch.randn(2, v.channels, 65 // v.stride + 1, 65 // v.stride + 1) for k, v in shapes.items()}
+
+    def loss(model: kMaXPixelDecoder) -> torch.Tensor:
+        panoptic, _, multi_scale = model.forward_features(features)
+        return panoptic.square().mean() + sum(level.square().mean() for level in multi_scale)
+
+    _assert_same_step(plain, checkpointed, loss, max_saved_fraction=0.5)
