@@ -1,5 +1,7 @@
 """Activation checkpointing: the same values, gradients and batch-norm statistics as the plain
 forward pass, with fewer activations kept for backward."""
+import importlib.util
+
 import torch
 from detectron2.layers import ShapeSpec
 from torch import nn
@@ -9,6 +11,7 @@ from kmax_m2f.systems.kmax_deeplab.layers import SingleBlock
 from kmax_m2f.systems.kmax_deeplab.pixel_decoder import kMaXPixelDecoder
 from kmax_m2f.systems.mask2former import MSDeformAttnPixelDecoder
 
+from .conftest import REPO
 from .test_mask2former_modules import SHAPES as M2F_SHAPES
 from .test_mask2former_modules import _tiny_cfg as m2f_tiny_cfg
 
@@ -127,3 +130,19 @@ def test_kmax_pixel_decoder_checkpoint_keeps_gradients_drop_path_and_batch_norm_
         return panoptic.square().mean() + sum(level.square().mean() for level in multi_scale)
 
     _assert_same_step(plain, checkpointed, loss, max_saved_fraction=0.5)
+
+
+def test_benchmark_counts_kept_activations_by_module():
+    spec = importlib.util.spec_from_file_location("benchmark_tool", REPO / "tools" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    kept = {}
+    for checkpoint in (False, True):
+        torch.manual_seed(0)
+        model = _Stack(checkpoint).train()
+        kept[checkpoint] = benchmark._saved_tensor_bytes(lambda: (model(x) * x).sum().backward(), model)
+    # Each block's convolution input (2 x 4 x 16 x 16 floats) at least, under the block's name.
+    assert kept[False]["blocks.0.layers"] >= x.numel() * 4
+    assert kept[False]["(top level and loss)"] > 0  # the product with x, outside every module
+    assert sum(kept[True].values()) < 0.5 * sum(kept[False].values())

@@ -26,6 +26,7 @@ into the next:
 """
 
 import argparse
+import collections
 import gc
 import json
 import os
@@ -714,6 +715,8 @@ def _compare_args(parser: argparse.ArgumentParser) -> None:
                              "compare both)")
     parser.add_argument("--cases", default=",".join(COMPARE_CASES), help=f"comma-separated, of {', '.join(COMPARE_CASES)}")
     parser.add_argument("--rounds", type=int, default=2, help="fresh process pairs per case, order alternating")
+    parser.add_argument("--saved-tensors", action="store_true",
+                        help="instead of time and memory: the activations autograd keeps for backward, by module")
     parser.add_argument("--measure", nargs=3, metavar=("SIDE", "CASE", "METRIC"), help=argparse.SUPPRESS)
 
 
@@ -757,8 +760,9 @@ def _official_model(root: str, system: str, height: int, width: int):
     return cfg, build_model(cfg)
 
 
-def _compare_step(args: argparse.Namespace, side: str, case: str) -> Callable[[], object]:
-    """The measured call of ``case`` on ``side`` ("official" or "ours"), inputs made."""
+def _compare_step(args: argparse.Namespace, side: str, case: str) -> tuple[Callable[[], object], object]:
+    """(the measured call of ``case`` on ``side`` ("official" or "ours"), inputs made; its model,
+    None for the op cases)."""
     import torch
 
     system, what, height, width, batch = COMPARE_CASES[case]
@@ -779,7 +783,7 @@ def _compare_step(args: argparse.Namespace, side: str, case: str) -> Callable[[]
             from kmax_m2f.layers.ms_deform_attn import MSDeformAttnFunction
 
             function = MSDeformAttnFunction.apply
-        return _ms_deform_attn_forward_backward(function, inputs, grad_output)
+        return _ms_deform_attn_forward_backward(function, inputs, grad_output), None
     if side == "official":
         cfg, model = _official_model(_official_root(args.official_root, system), system, height, width)
     else:
@@ -796,7 +800,7 @@ def _compare_step(args: argparse.Namespace, side: str, case: str) -> Callable[[]
             with torch.no_grad():
                 return model(inputs)
 
-        return inference_step
+        return inference_step, model
     model.train()
     # The same optimiser on both sides (the official one lives in each project's train_net.py).
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -809,18 +813,72 @@ def _compare_step(args: argparse.Namespace, side: str, case: str) -> Callable[[]
         torch.nn.utils.clip_grad_norm_(parameters, 0.01)
         optimizer.step()
 
-    return train_step
+    return train_step, model
+
+
+def _saved_tensor_bytes(step: Callable[[], object], model) -> dict[str, int]:
+    """Bytes of the distinct tensors autograd keeps for backward during ``step``, by the
+    innermost module (named to depth 3, e.g. ``sem_seg_head.pixel_decoder.transformer``) that
+    was running when each was saved; parameters are not counted."""
+    import torch
+
+    names = {module: name for name, module in model.named_modules()}
+    running: list[str] = []
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+    by_module: dict[str, int] = collections.defaultdict(int)
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in parameters and pointer not in seen:
+            seen.add(pointer)
+            where = running[-1] if running and running[-1] else "(top level and loss)"
+            by_module[".".join(where.split(".")[:3])] += tensor.untyped_storage().nbytes()
+        return tensor
+
+    def enter(module: torch.nn.Module, inputs) -> None:
+        running.append(names.get(module, running[-1] if running else ""))
+
+    def leave(module: torch.nn.Module, inputs, output) -> None:
+        running.pop()
+
+    hooks = [torch.nn.modules.module.register_module_forward_pre_hook(enter),
+             torch.nn.modules.module.register_module_forward_hook(leave)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return dict(by_module)
 
 
 def _compare_measure(args: argparse.Namespace) -> dict:
     """One process's figures: "time" runs warm-ups then timed calls; "memory" one call, whose
     peak RSS (and increase over the RSS before it) it reports."""
     side, case, metric = args.measure
-    step = _compare_step(args, side, case)
+    step, model = _compare_step(args, side, case)
+    if metric == "saved":
+        return {"saved_bytes": _saved_tensor_bytes(step, model)}
     if metric == "memory":
         rss_before, peak, exact = _first_call_rss(step)
         return {"peak_mib": peak / MIB, "increase_mib": (peak - rss_before) / MIB, "exact": exact}
     return {"times_s": _call_times(step, "cpu", args.repeats, args.warmup)}
+
+
+def _compare_saved_tensors(common: list[str], cases: list[str], threads: int) -> None:
+    """Per case, one process per side: MiB of the tensors autograd keeps for backward, by module."""
+    print("MiB of the distinct tensors autograd keeps for backward during one call (parameters not counted), by "
+          "the innermost running module named to depth 3; one process per side.")
+    for case in cases:
+        kept = {side: _run_child(common + ["--measure", side, case, "saved"], threads, "saved")["saved_bytes"]
+                for side in ("official", "ours")}
+        modules = sorted(set(kept["official"]) | set(kept["ours"]),
+                         key=lambda name: -max(kept["official"].get(name, 0), kept["ours"].get(name, 0)))
+        print(f"\n{case}\n\n| module | official MiB | ours MiB |\n|---|---:|---:|")
+        for name in modules:
+            print(f"| {name} | {kept['official'].get(name, 0) / MIB:.1f} | {kept['ours'].get(name, 0) / MIB:.1f} |")
+        print(f"| total | {sum(kept['official'].values()) / MIB:.1f} | {sum(kept['ours'].values()) / MIB:.1f} |")
 
 
 def _compare_run(args: argparse.Namespace) -> None:
@@ -843,6 +901,9 @@ def _compare_run(args: argparse.Namespace) -> None:
         )
     for root in roots:
         common += ["--official-root", root]
+    if args.saved_tensors:
+        _compare_saved_tensors(common, cases, args.threads)
+        return
     print(f"Official implementations and kmax_m2f side by side: each figure from a fresh process, {args.rounds} "
           f"round(s) per case, the two sides alternating; the same inputs, outputs and threads on both; "
           f"{_machine_description('cpu', args.threads)}. Time: {args.repeats} timed calls after {args.warmup} "

@@ -10,8 +10,10 @@ Steps (each a public command, run in turn):
 2. ``tools/export_loca_backbone.py`` for FINETUNE_CONFIG;
 3. ``tools/train_net.py --config-file FINETUNE_CONFIG MODEL.WEIGHTS <exported>``;
 4. the same from scratch.
-Both fine-tunings get ``MODEL.VIT.FINAL_NORM True`` (the ViT LOCA trains ends in a LayerNorm)
-and ``SEED``. The figures go to OUTPUT_DIR/results.json.
+Both fine-tunings get ``MODEL.VIT.FINAL_NORM True`` (the ViT LOCA trains ends in a LayerNorm),
+``SEED`` and ``--finetune-opts`` (e.g. the pre-trained ViT's size, for a config built around
+another). The figures go to OUTPUT_DIR/results.json; the summary prints mIoU (semantic
+segmentation) or oIoU (referring segmentation).
 """
 import argparse
 import json
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-config", default=DEFAULT_FINETUNE)
     parser.add_argument("--seed", type=int, default=0, help="SEED of the pre-training and of both fine-tunings")
     parser.add_argument("--pretrain-opts", nargs="*", default=[], help="KEY VALUE overrides of the pre-training config")
+    parser.add_argument("--finetune-opts", nargs="*", default=[],
+                        help="KEY VALUE overrides of both fine-tunings (and of the export's target config)")
     parser.add_argument("--encoder", choices=("teacher", "student"), default="teacher", help="which LOCA encoder to export")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output_dir
     pretrain_dir = os.path.join(out, "pretrain")
     weights = os.path.join(out, f"loca_vit_{args.encoder}.pth")
-    finetune = ["MODEL.VIT.FINAL_NORM", "True", "SEED", str(args.seed)]
+    finetune = ["MODEL.VIT.FINAL_NORM", "True", "SEED", str(args.seed)] + args.finetune_opts
     if os.path.isfile(os.path.join(pretrain_dir, "model_final.pth")):
         logger.info("%s/model_final.pth exists: pre-training skipped.", pretrain_dir)
     else:
@@ -81,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("LOCA pre-training: held-out localisation top-1 %s %%", f"{top1:.1f}" if top1 is not None else "n/a")
     for name in runs:
         metrics = results[f"finetune_{name}"]
-        logger.info("Fine-tuned from %-7s: mIoU %.1f", name, metrics.get("sem_seg/mIoU", float("nan")))
+        key = "refer/oIoU" if "refer/oIoU" in metrics else "sem_seg/mIoU"
+        logger.info("Fine-tuned from %-7s: %s %.1f", name, key.split("/")[1], metrics.get(key, float("nan")))
     return 0
 
 
