@@ -99,6 +99,11 @@ def test_panoptic_matches_reference_loop_on_random_inputs(pixel_threshold, overl
         assert torch.equal(panoptic, expected_panoptic), trial
         assert _strip_scores(segments) == expected_segments, trial
         _check_invariants(panoptic, segments, mask_cls, mask_pred, thing_ids, pixel_threshold)
+        # In place: the same result, the logits' memory reused for the probabilities.
+        logits = mask_pred.clone()
+        in_place, in_place_segments = kmax_panoptic_inference(mask_cls, logits, thing_ids, inplace=True, **kwargs)
+        assert torch.equal(in_place, panoptic) and in_place_segments == segments, trial
+        assert not torch.equal(logits, mask_pred)
 
 
 def test_panoptic_tiny_example_by_hand():

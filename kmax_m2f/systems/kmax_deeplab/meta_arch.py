@@ -264,9 +264,19 @@ class kMaXDeepLab(MaskClassificationModel):
         return [f"kMaX layer {i} (stride {stride})" for i, stride in enumerate(strides, start=1)] + ["final (stride 4)"]
 
     def _postprocess(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> dict:
+        """Outputs from one image's class logits [Q, K+1] and mask logits [Q, H, W], which the
+        panoptic output, computed last, may overwrite."""
         result = {}
         if self.semantic_on:
             result["sem_seg"] = retry_if_cuda_oom(semantic_inference)(mask_cls, mask_pred)
+        if self.instance_on:
+            result["instances"] = retry_if_cuda_oom(instance_inference)(
+                mask_cls,
+                mask_pred,
+                self.test_topk_per_image,
+                self.pixel_confidence_threshold,
+                thing_ids(self.metadata) if self.panoptic_on else None,
+            )
         if self.panoptic_on:
             result["panoptic_seg"] = retry_if_cuda_oom(panoptic_inference)(
                 mask_cls,
@@ -278,14 +288,9 @@ class kMaXDeepLab(MaskClassificationModel):
                 overlap_threshold=self.overlap_threshold,
                 reorder_class_weight=self.reorder_class_weight,
                 reorder_mask_weight=self.reorder_mask_weight,
-            )
-        if self.instance_on:
-            result["instances"] = retry_if_cuda_oom(instance_inference)(
-                mask_cls,
-                mask_pred,
-                self.test_topk_per_image,
-                self.pixel_confidence_threshold,
-                thing_ids(self.metadata) if self.panoptic_on else None,
+                # On a CPU a fresh [Q, H, W] result costs first-touch page faults; a GPU's caching
+                # allocator reuses memory, and retry_if_cuda_oom must find the logits intact.
+                inplace=mask_pred.device.type == "cpu",
             )
         return result
 

@@ -31,6 +31,7 @@ def panoptic_inference(
     overlap_threshold: float,
     reorder_class_weight: float = 1.0,
     reorder_mask_weight: float = 1.0,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, list[dict]]:
     """kMaX-DeepLab's greedy panoptic merging (the MaX-DeepLab post-processor).
 
@@ -44,6 +45,8 @@ def panoptic_inference(
     Args:
         mask_cls: [Q, K+1] class logits; mask_pred: [Q, H, W] mask logits.
         thing_ids: contiguous ids of the thing classes.
+        inplace: compute the probabilities in ``mask_pred``'s memory, which then holds garbage
+            (for a caller that has no further use for the logits: no second [Q, H, W] tensor).
 
     Returns:
         panoptic_seg [H, W] int32 (0 = void) and segments_info
@@ -51,7 +54,7 @@ def panoptic_inference(
         is the ordering score of the segment's first query.
     """
     class_scores, labels = F.softmax(mask_cls, dim=-1)[:, :-1].max(-1)
-    mask_probs = F.softmax(mask_pred, dim=0)
+    mask_probs = torch.softmax(mask_pred, dim=0, out=mask_pred) if inplace else F.softmax(mask_pred, dim=0)
     binary_masks = mask_probs > pixel_confidence_threshold
     # Neither sum makes a [Q, H, W] int64 or float copy of the binary masks (5x faster at 641 x
     # 641): areas are counted one mask at a time (exact in any order; count_nonzero does not
