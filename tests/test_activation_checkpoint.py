@@ -16,20 +16,21 @@ from .test_mask2former_modules import SHAPES as M2F_SHAPES
 from .test_mask2former_modules import _tiny_cfg as m2f_tiny_cfg
 
 
+def _load_benchmark_tool():
+    spec = importlib.util.spec_from_file_location("benchmark_tool", REPO / "tools" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmark = _load_benchmark_tool()
+
+
 def _saved_bytes(model: nn.Module, run) -> tuple[object, int]:
     """(run(), bytes of the distinct non-parameter tensors autograd keeps for backward)."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer not in parameters:
-            saved[pointer] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        result = run()
-    return result, sum(saved.values())
+    result = []
+    kept = benchmark._saved_tensor_bytes(lambda: result.append(run()), model)
+    return result[0], sum(kept.values())
 
 
 def _assert_same_step(plain: nn.Module, checkpointed: nn.Module, forward, max_saved_fraction: float) -> None:
@@ -133,9 +134,6 @@ def test_kmax_pixel_decoder_checkpoint_keeps_gradients_drop_path_and_batch_norm_
 
 
 def test_benchmark_counts_kept_activations_by_module():
-    spec = importlib.util.spec_from_file_location("benchmark_tool", REPO / "tools" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
     x = torch.randn(2, 4, 16, 16, requires_grad=True)
     kept = {}
     for checkpoint in (False, True):
