@@ -855,7 +855,8 @@ def _saved_tensor_bytes(step: Callable[[], object], model) -> dict[str, int]:
 
 def _compare_measure(args: argparse.Namespace) -> dict:
     """One process's figures: "time" runs warm-ups then timed calls; "memory" one call, whose
-    peak RSS (and increase over the RSS before it) it reports."""
+    peak RSS (and increase over the RSS before it) it reports; "saved" one call, whose
+    activations kept for backward it counts by module."""
     side, case, metric = args.measure
     step, model = _compare_step(args, side, case)
     if metric == "saved":

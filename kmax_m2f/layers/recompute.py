@@ -25,14 +25,15 @@ def _running_stats_kept(module: nn.Module) -> Iterator[None]:
             norm.num_batches_tracked.copy_(count)
 
 
-def checkpointed_call(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+def checkpointed_call(module: nn.Module, *inputs: torch.Tensor, enabled: bool = True) -> torch.Tensor:
     """``module(*inputs)``, keeping only ``inputs`` for the backward pass, which runs ``module``
     again to get what its own backward needs (``torch.utils.checkpoint``, non-reentrant).
 
     The random state is replayed, so dropout and drop path draw the same in both passes; batch
-    norms update their running statistics once. Without gradients (inference) it is a plain call.
+    norms update their running statistics once. Without gradients (inference), or not
+    ``enabled`` (a model's activation-checkpoint switch off), it is a plain call.
     """
-    if not torch.is_grad_enabled():
+    if not (enabled and torch.is_grad_enabled()):
         return module(*inputs)
     return checkpoint(
         module, *inputs, use_reentrant=False,

@@ -461,5 +461,5 @@ class BlockGroup(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, inplanes, H, W] -> [B, 4 * base_filter, H, W]."""
         for block in self._blocks:
-            x = checkpointed_call(block, x) if self.activation_checkpoint else block(x)
+            x = checkpointed_call(block, x, enabled=self.activation_checkpoint)
         return x

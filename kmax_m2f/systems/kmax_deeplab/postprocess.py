@@ -57,11 +57,11 @@ def panoptic_inference(
     mask_probs = torch.softmax(mask_pred, dim=0, out=mask_pred) if inplace else F.softmax(mask_pred, dim=0)
     binary_masks = mask_probs > pixel_confidence_threshold
     # Neither sum makes a [Q, H, W] int64 or float copy of the binary masks (5x faster at 641 x
-    # 641): areas are counted one mask at a time (exact in any order; count_nonzero does not
-    # convert the mask to int64 as sum does), and threshold (x where
-    # x > t, else 0) is the product of the probabilities with the binary masks, value for value,
-    # summed in the same order. It runs in place: the probabilities are not needed afterwards,
-    # and a fresh [Q, H, W] result costs more in first-touch page faults than the threshold itself.
+    # 641). Areas are counted one mask at a time (exact in any order; count_nonzero, unlike sum,
+    # does not convert each mask to int64). threshold (x where x > t, else 0) is the product of
+    # the probabilities with the binary masks, value for value, summed in the same order; it runs
+    # in place, since the probabilities are not needed afterwards and a fresh [Q, H, W] result
+    # costs more in first-touch page faults than the threshold itself.
     areas = (
         torch.stack([torch.count_nonzero(mask) for mask in binary_masks])
         if len(binary_masks)

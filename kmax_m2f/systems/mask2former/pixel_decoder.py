@@ -112,10 +112,7 @@ class MSDeformAttnTransformerEncoder(nn.Module):
         output = src
         inputs = (pos, reference_points, spatial_shapes, level_start_index, padding_mask)
         for layer in self.layers:
-            if self.activation_checkpoint:
-                output = checkpointed_call(layer, output, *inputs)
-            else:
-                output = layer(output, *inputs)
+            output = checkpointed_call(layer, output, *inputs, enabled=self.activation_checkpoint)
         return output
 
 
