@@ -176,6 +176,27 @@ def test_cpu_backward_with_more_threads_than_heads(threads):
     assert_all_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 6])
+@pytest.mark.parametrize("channels", [32, 5])
+@pytest.mark.parametrize("queries", [2, 200])
+def test_cpu_kernel_in_place_and_gathered_slices(queries, channels, threads):
+    """The CPU kernel reads value in place when a slice has few samples (2 queries: 72 corner
+    reads for 336 pixels) and copies each (image, head) slice into contiguous rows when it has
+    many (200 queries), with fixed (32) and any (5) head sizes, one thread or several (6 threads
+    for 2 x 2 slices: queries split over scratch copies)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        inputs = make_inputs(
+            MASK2FORMER_LEVELS, channels=channels, queries=queries, dtype=torch.float64
+        )
+        expected, grad_output = forward_and_gradients(ms_deform_attn_reference, inputs)
+        actual, _ = forward_and_gradients(MSDeformAttnFunction.apply, inputs, grad_output)
+    finally:
+        torch.set_num_threads(previous)
+    assert_all_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_non_contiguous_inputs():
     value, spatial_shapes, level_start_index, locations, weights = make_inputs(NON_SQUARE_LEVELS)
     # Same numbers, other memory layouts.

@@ -3,11 +3,18 @@
 // Layout facts the kernels are built around:
 // - value is [N, S, H, D]: the D channels of one (pixel, head) are contiguous, so every bilinear
 //   corner is one contiguous row of D numbers and the inner loops run (and vectorise) over D.
-// - Forward: work items are (n, q, h) in memory order, so the per-query inputs and the output
-//   are read and written sequentially; nothing is shared between items.
+// - The rows of one (n, h) slice lie H * D numbers apart. At that stride the slice's rows fall
+//   into 1 / H of the cache sets and span H times the pages, so that a slice which would fit in
+//   the L2 cache thrashes it (at H = 8, D = 32, random sampling runs about 2x slower than on the
+//   same rows packed together). When a slice is read many times, it is first gathered into a
+//   per-thread buffer of contiguous rows, and the work walks (n, h) slices.
+// - Forward: without gathering (few samples per slice, e.g. a decoder's few hundred queries), work
+//   items are (n, q, h) in memory order, so the per-query inputs and the output are read and
+//   written sequentially; nothing is shared between items.
 // - Backward scatters into grad_value, and two queries of one (n, h) may hit the same pixel. Work
 //   is split over (n, h), so that each (n, h) slice of grad_value has a single writer and needs no
-//   atomics; queries are split further only when there are fewer (n, h) pairs than threads, each
+//   atomics; it accumulates in a contiguous per-thread buffer, written out once at the end of the
+//   slice. Queries are split further only when there are fewer (n, h) pairs than threads, each
 //   extra split writing its own scratch copy of grad_value, summed at the end. Per-thread copies
 //   of the whole grad_value would cost (threads - 1) x its size and a reduction pass instead.
 #include "cpu/ms_deform_attn_cpu.h"
@@ -21,7 +28,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <type_traits>
+#include <vector>
 
 namespace kmax_m2f {
 namespace {
@@ -64,6 +73,73 @@ struct KernelArgs {
 // (batch, query, head) work items per parallel_for chunk in the forward pass: large enough to
 // amortise scheduling, small enough to balance threads at Mask2Former sizes (~10^5..10^6 items).
 constexpr int64_t kForwardGrain = 256;
+
+// How many queries ahead the slice-wise passes prefetch their per-query inputs.
+constexpr int64_t kPrefetchQueries = 4;
+
+// Successive queries of one head are H rows apart in the per-query tensors: too far for the
+// hardware prefetchers, which would leave the loads of a slice-wise pass waiting on memory.
+template <typename scalar_t>
+KMAX_M2F_ALWAYS_INLINE void prefetch_query_inputs(const MSDeformAttnSizes& s,
+                                                  int64_t query_head,
+                                                  const scalar_t* sampling_locations,
+                                                  const scalar_t* attention_weights,
+                                                  const scalar_t* grad_output) {
+  const int64_t samples = s.num_levels * s.num_points;
+  prefetch_bytes(sampling_locations + query_head * samples * 2, samples * 2 * sizeof(scalar_t));
+  prefetch_bytes(attention_weights + query_head * samples, samples * sizeof(scalar_t));
+  if (grad_output != nullptr) {
+    prefetch_bytes(grad_output + query_head * s.channels, s.channels * sizeof(scalar_t));
+  }
+}
+
+// Copies the S rows of D numbers of one (batch, head) slice, `pixel_stride` apart in value, into
+// contiguous `rows` [S, D].
+template <typename scalar_t>
+KMAX_M2F_ALWAYS_INLINE void gather_rows(const scalar_t* value_head,
+                                        int64_t num_values,
+                                        int64_t pixel_stride,
+                                        int64_t channels,
+                                        scalar_t* __restrict rows) {
+  for (int64_t pixel = 0; pixel < num_values; ++pixel) {
+    std::memcpy(rows + pixel * channels, value_head + pixel * pixel_stride,
+                channels * sizeof(scalar_t));
+  }
+}
+
+// The inverse of gather_rows: writes contiguous `rows` [S, D] into a slice `pixel_stride` apart.
+template <typename scalar_t>
+KMAX_M2F_ALWAYS_INLINE void scatter_rows(const scalar_t* __restrict rows,
+                                         int64_t num_values,
+                                         int64_t pixel_stride,
+                                         int64_t channels,
+                                         scalar_t* slice) {
+  for (int64_t pixel = 0; pixel < num_values; ++pixel) {
+    std::memcpy(slice + pixel * pixel_stride, rows + pixel * channels,
+                channels * sizeof(scalar_t));
+  }
+}
+
+// Splits the queries of each (batch, head) slice into `splits` contiguous ranges.
+struct SliceItem {
+  int64_t batch;
+  int64_t head;
+  int64_t split;
+  int64_t query_begin;
+  int64_t query_end;
+};
+
+KMAX_M2F_ALWAYS_INLINE SliceItem slice_item(const MSDeformAttnSizes& s,
+                                            int64_t item,
+                                            int64_t splits) {
+  SliceItem slice;
+  slice.split = item % splits;
+  slice.head = (item / splits) % s.num_heads;
+  slice.batch = item / (splits * s.num_heads);
+  slice.query_begin = s.num_queries * slice.split / splits;
+  slice.query_end = s.num_queries * (slice.split + 1) / splits;
+  return slice;
+}
 
 // Adds the samples of one (batch, query, head) into acc[0, D).
 template <typename scalar_t, int64_t kChannels>
@@ -137,6 +213,59 @@ KMAX_M2F_CPU_CLONES void forward_range(const KernelArgs& args,
   }
 }
 
+// Forward work items [begin, end) of the (batch, head, query split) space, each slice gathered
+// into contiguous rows first.
+template <typename scalar_t, int64_t kChannels>
+KMAX_M2F_CPU_CLONES void forward_gathered_range(const KernelArgs& args,
+                                                const scalar_t* value,
+                                                const scalar_t* sampling_locations,
+                                                const scalar_t* attention_weights,
+                                                scalar_t* output,
+                                                int64_t query_splits,
+                                                int64_t begin,
+                                                int64_t end) {
+  const MSDeformAttnSizes& s = args.sizes;
+  const int64_t channels = kChannels > 0 ? kChannels : s.channels;
+  const int64_t pixel_stride = s.num_heads * channels;
+  const int64_t samples = s.num_levels * s.num_points;
+  const auto rows = std::make_unique_for_overwrite<scalar_t[]>(s.num_values * channels);
+  for (int64_t item = begin; item < end; ++item) {
+    const SliceItem slice = slice_item(s, item, query_splits);
+    gather_rows(value + (slice.batch * s.num_values * s.num_heads + slice.head) * channels,
+                s.num_values, pixel_stride, channels, rows.get());
+    for (int64_t query = slice.query_begin; query < slice.query_end; ++query) {
+      const int64_t query_head = (slice.batch * s.num_queries + query) * s.num_heads + slice.head;
+      if (query + kPrefetchQueries < slice.query_end) {
+        prefetch_query_inputs<scalar_t>(s, query_head + kPrefetchQueries * s.num_heads,
+                                        sampling_locations, attention_weights, nullptr);
+      }
+      const scalar_t* locations = sampling_locations + query_head * samples * 2;
+      const scalar_t* weights = attention_weights + query_head * samples;
+      scalar_t* out = output + query_head * channels;
+      if constexpr (kChannels > 0) {
+        scalar_t acc[kChannels] = {};
+        accumulate_query_head<scalar_t, kChannels>(args, channels, channels, rows.get(),
+                                                   locations, weights, acc);
+        std::copy(acc, acc + kChannels, out);
+      } else {
+        std::fill(out, out + channels, scalar_t(0));
+        accumulate_query_head<scalar_t, kChannels>(args, channels, channels, rows.get(),
+                                                   locations, weights, out);
+      }
+    }
+  }
+}
+
+// How many query ranges each (batch, head) slice is split into, so that every thread has work.
+int64_t query_splits_for_threads(const MSDeformAttnSizes& s) {
+  const int64_t head_slices = s.batch * s.num_heads;
+  const int64_t threads = at::get_num_threads();
+  if (head_slices >= threads || s.num_queries < 2) {
+    return 1;
+  }
+  return std::min<int64_t>((threads + head_slices - 1) / head_slices, s.num_queries);
+}
+
 template <typename scalar_t, int64_t kChannels>
 void forward_kernel(const KernelArgs& args,
                     const scalar_t* value,
@@ -144,6 +273,19 @@ void forward_kernel(const KernelArgs& args,
                     const scalar_t* attention_weights,
                     scalar_t* output) {
   const MSDeformAttnSizes& s = args.sizes;
+  const int64_t query_splits = query_splits_for_threads(s);
+  // Gathering a slice costs one pass over its S rows; it pays when each range of queries reads
+  // more corner rows (4 per sample) than that.
+  const int64_t corner_reads =
+      s.num_queries / query_splits * s.num_levels * s.num_points * 4;
+  if (corner_reads >= s.num_values) {
+    at::parallel_for(0, s.batch * s.num_heads * query_splits, 1, [&](int64_t begin, int64_t end) {
+      forward_gathered_range<scalar_t, kChannels>(args, value, sampling_locations,
+                                                  attention_weights, output, query_splits, begin,
+                                                  end);
+    });
+    return;
+  }
   at::parallel_for(0, s.batch * s.num_heads * s.num_queries, kForwardGrain,
                    [&](int64_t begin, int64_t end) {
                      forward_range<scalar_t, kChannels>(args, value, sampling_locations,
@@ -273,12 +415,9 @@ KMAX_M2F_ALWAYS_INLINE void backward_query_head(const KernelArgs& args,
   }
 }
 
-// How many queries ahead the backward pass prefetches its per-query inputs.
-constexpr int64_t kPrefetchQueries = 4;
-
 // Backward work items [begin, end) of the (batch, head, query split) space. Each item owns its
 // slice of grad_value (split 0) or of its scratch copy (splits 1..), so the scatter needs no
-// atomics.
+// atomics; it gathers the slice's value rows and accumulates its gradient in contiguous buffers.
 template <typename scalar_t, int64_t kChannels>
 KMAX_M2F_CPU_CLONES void backward_range(const KernelArgs& args,
                                         const scalar_t* value,
@@ -297,26 +436,26 @@ KMAX_M2F_CPU_CLONES void backward_range(const KernelArgs& args,
   const int64_t pixel_stride = s.num_heads * channels;
   const int64_t samples = s.num_levels * s.num_points;
   const int64_t value_numel = s.batch * s.num_values * pixel_stride;
+  // The value rows and their gradient share one buffer, the gradient half a page further on
+  // than the rows' own end. Two separate large buffers would start at the same offset within a
+  // page, and the CPU stalls loads of a row whose address matches a pending store to its
+  // gradient in the low 12 bits (about 10% of this pass).
+  const int64_t slice_numel = s.num_values * channels;
+  const int64_t half_page = 2048 / static_cast<int64_t>(sizeof(scalar_t));
+  const auto buffer = std::make_unique_for_overwrite<scalar_t[]>(2 * slice_numel + half_page);
+  scalar_t* rows = buffer.get();
+  scalar_t* grad_rows = buffer.get() + slice_numel + half_page;
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t split = item % query_splits;
-    const int64_t head = (item / query_splits) % s.num_heads;
-    const int64_t batch = item / (query_splits * s.num_heads);
-    const int64_t query_begin = s.num_queries * split / query_splits;
-    const int64_t query_end = s.num_queries * (split + 1) / query_splits;
-    const int64_t head_offset = batch * s.num_values * pixel_stride + head * channels;
-    const scalar_t* value_head = value + head_offset;
-    scalar_t* grad_value_head =
-        (split == 0 ? grad_value : grad_value_scratch + (split - 1) * value_numel) + head_offset;
+    const SliceItem slice = slice_item(s, item, query_splits);
+    const int64_t head_offset = (slice.batch * s.num_values * s.num_heads + slice.head) * channels;
+    gather_rows(value + head_offset, s.num_values, pixel_stride, channels, rows);
+    std::fill(grad_rows, grad_rows + slice_numel, scalar_t(0));
 
-    for (int64_t query = query_begin; query < query_end; ++query) {
-      const int64_t query_head = (batch * s.num_queries + query) * s.num_heads + head;
-      if (query + kPrefetchQueries < query_end) {
-        // Successive queries of one head are H rows apart in these tensors: too far for the
-        // hardware prefetchers, which would leave the loads below waiting on memory.
-        const int64_t ahead = query_head + kPrefetchQueries * s.num_heads;
-        prefetch_bytes(grad_output + ahead * channels, channels * sizeof(scalar_t));
-        prefetch_bytes(sampling_locations + ahead * samples * 2, samples * 2 * sizeof(scalar_t));
-        prefetch_bytes(attention_weights + ahead * samples, samples * sizeof(scalar_t));
+    for (int64_t query = slice.query_begin; query < slice.query_end; ++query) {
+      const int64_t query_head = (slice.batch * s.num_queries + query) * s.num_heads + slice.head;
+      if (query + kPrefetchQueries < slice.query_end) {
+        prefetch_query_inputs<scalar_t>(s, query_head + kPrefetchQueries * s.num_heads,
+                                        sampling_locations, attention_weights, grad_output);
       }
       const scalar_t* grad_out = grad_output + query_head * channels;
       const scalar_t* locations = sampling_locations + query_head * samples * 2;
@@ -327,15 +466,19 @@ KMAX_M2F_CPU_CLONES void backward_range(const KernelArgs& args,
         // A local copy lets the compiler keep grad_out in registers across the samples.
         scalar_t grad_out_local[kChannels];
         std::copy(grad_out, grad_out + kChannels, grad_out_local);
-        backward_query_head<scalar_t, kChannels>(args, channels, pixel_stride, value_head,
-                                                 locations, weights, grad_out_local,
-                                                 grad_value_head, grad_locations, grad_weights);
+        backward_query_head<scalar_t, kChannels>(args, channels, channels, rows, locations,
+                                                 weights, grad_out_local, grad_rows,
+                                                 grad_locations, grad_weights);
       } else {
-        backward_query_head<scalar_t, kChannels>(args, channels, pixel_stride, value_head,
-                                                 locations, weights, grad_out, grad_value_head,
+        backward_query_head<scalar_t, kChannels>(args, channels, channels, rows, locations,
+                                                 weights, grad_out, grad_rows,
                                                  grad_locations, grad_weights);
       }
     }
+    scalar_t* destination =
+        slice.split == 0 ? grad_value : grad_value_scratch + (slice.split - 1) * value_numel;
+    scatter_rows(grad_rows, s.num_values, pixel_stride, channels,
+                 destination + head_offset);
   }
 }
 
@@ -436,21 +579,16 @@ std::vector<at::Tensor> ms_deform_attn_cpu_backward(const at::Tensor& value,
   const at::Tensor grad_output_c = grad_output.contiguous();
 
   // Split queries only as much as needed to give every thread work (see the file comment).
-  const int64_t head_slices = s.batch * s.num_heads;
-  const int64_t threads = at::get_num_threads();
-  const int64_t query_splits =
-      head_slices >= threads || s.num_queries < 2
-          ? 1
-          : std::min<int64_t>((threads + head_slices - 1) / head_slices, s.num_queries);
+  const int64_t query_splits = query_splits_for_threads(s);
 
-  at::Tensor grad_value = at::zeros_like(value_c);
+  // Every element of these is written by the kernel.
+  at::Tensor grad_value = at::empty_like(value_c);
   at::Tensor grad_value_scratch;
   if (query_splits > 1) {
-    grad_value_scratch = at::zeros({query_splits - 1, s.batch, s.num_values, s.num_heads,
+    grad_value_scratch = at::empty({query_splits - 1, s.batch, s.num_values, s.num_heads,
                                     s.channels},
                                    value.options());
   }
-  // Every element of these two is written by the kernel.
   at::Tensor grad_locations = at::empty_like(locations_c);
   at::Tensor grad_weights = at::empty_like(weights_c);
 
