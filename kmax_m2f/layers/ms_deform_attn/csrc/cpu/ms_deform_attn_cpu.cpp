@@ -120,7 +120,8 @@ KMAX_M2F_ALWAYS_INLINE void scatter_rows(const scalar_t* __restrict rows,
   }
 }
 
-// Splits the queries of each (batch, head) slice into `splits` contiguous ranges.
+// One work item of the slice-wise passes: a (batch, head) slice and the split-th of `splits`
+// contiguous ranges of its queries.
 struct SliceItem {
   int64_t batch;
   int64_t head;
