@@ -257,15 +257,24 @@ KMAX_M2F_CPU_CLONES void forward_gathered_range(const KernelArgs& args,
   }
 }
 
-// How many query ranges each (batch, head) slice is split into, so that every thread has work.
-int64_t query_splits_for_threads(const MSDeformAttnSizes& s) {
+// How many query ranges each (batch, head) slice is split into, so that every thread gets at
+// least `items_per_thread` work items. More items balance threads better (16 slices on 12
+// threads give 4 threads two and leave 8 waiting half the time), but each split costs the
+// forward pass one more copy of its slice and the backward pass one more scratch copy of
+// grad_value.
+int64_t query_splits_for_threads(const MSDeformAttnSizes& s, int64_t items_per_thread) {
   const int64_t head_slices = s.batch * s.num_heads;
   const int64_t threads = at::get_num_threads();
-  if (head_slices >= threads || s.num_queries < 2) {
+  const int64_t wanted_items = threads * items_per_thread;
+  if (threads == 1 || head_slices >= wanted_items || s.num_queries < 2) {
     return 1;
   }
-  return std::min<int64_t>((threads + head_slices - 1) / head_slices, s.num_queries);
+  return std::min<int64_t>((wanted_items + head_slices - 1) / head_slices, s.num_queries);
 }
+
+// Work items per thread the forward pass asks of query_splits_for_threads; the backward pass,
+// whose splits cost memory, asks for one.
+constexpr int64_t kForwardItemsPerThread = 4;
 
 template <typename scalar_t, int64_t kChannels>
 void forward_kernel(const KernelArgs& args,
@@ -274,7 +283,7 @@ void forward_kernel(const KernelArgs& args,
                     const scalar_t* attention_weights,
                     scalar_t* output) {
   const MSDeformAttnSizes& s = args.sizes;
-  const int64_t query_splits = query_splits_for_threads(s);
+  const int64_t query_splits = query_splits_for_threads(s, kForwardItemsPerThread);
   // Gathering a slice costs one pass over its S rows; it pays when each range of queries reads
   // more corner rows (4 per sample) than that.
   const int64_t corner_reads =
@@ -580,7 +589,7 @@ std::vector<at::Tensor> ms_deform_attn_cpu_backward(const at::Tensor& value,
   const at::Tensor grad_output_c = grad_output.contiguous();
 
   // Split queries only as much as needed to give every thread work (see the file comment).
-  const int64_t query_splits = query_splits_for_threads(s);
+  const int64_t query_splits = query_splits_for_threads(s, 1);
 
   // Every element of these is written by the kernel.
   at::Tensor grad_value = at::empty_like(value_c);
