@@ -178,9 +178,29 @@ KMAX_M2F_ALWAYS_INLINE void accumulate_query_head(const KernelArgs& args,
   }
 }
 
+// Writes the output row [D] of one (batch, query, head). kChannels > 0 fixes D at compile time
+// (unrolled loops, accumulators in registers); kChannels == 0 handles any D, accumulating in out.
+template <typename scalar_t, int64_t kChannels>
+KMAX_M2F_ALWAYS_INLINE void forward_query_head(const KernelArgs& args,
+                                               int64_t channels,
+                                               int64_t pixel_stride,
+                                               const scalar_t* value_head,
+                                               const scalar_t* locations,
+                                               const scalar_t* weights,
+                                               scalar_t* out) {
+  if constexpr (kChannels > 0) {
+    scalar_t acc[kChannels] = {};
+    accumulate_query_head<scalar_t, kChannels>(args, channels, pixel_stride, value_head,
+                                               locations, weights, acc);
+    std::copy(acc, acc + kChannels, out);
+  } else {
+    std::fill(out, out + channels, scalar_t(0));
+    accumulate_query_head<scalar_t, kChannels>(args, channels, pixel_stride, value_head,
+                                               locations, weights, out);
+  }
+}
+
 // Forward work items [begin, end) of the (batch, query, head) space.
-// kChannels > 0 fixes D at compile time (unrolled loops, accumulators in registers);
-// kChannels == 0 handles any D.
 template <typename scalar_t, int64_t kChannels>
 KMAX_M2F_CPU_CLONES void forward_range(const KernelArgs& args,
                                        const scalar_t* value,
@@ -200,17 +220,8 @@ KMAX_M2F_CPU_CLONES void forward_range(const KernelArgs& args,
     const scalar_t* locations = sampling_locations + query_head * samples * 2;
     const scalar_t* weights = attention_weights + query_head * samples;
     const scalar_t* value_head = value + batch * s.num_values * pixel_stride + head * channels;
-    scalar_t* out = output + query_head * channels;
-    if constexpr (kChannels > 0) {
-      scalar_t acc[kChannels] = {};
-      accumulate_query_head<scalar_t, kChannels>(args, channels, pixel_stride, value_head,
-                                                 locations, weights, acc);
-      std::copy(acc, acc + kChannels, out);
-    } else {
-      std::fill(out, out + channels, scalar_t(0));
-      accumulate_query_head<scalar_t, kChannels>(args, channels, pixel_stride, value_head,
-                                                 locations, weights, out);
-    }
+    forward_query_head<scalar_t, kChannels>(args, channels, pixel_stride, value_head, locations,
+                                            weights, output + query_head * channels);
   }
 }
 
@@ -242,17 +253,9 @@ KMAX_M2F_CPU_CLONES void forward_gathered_range(const KernelArgs& args,
       }
       const scalar_t* locations = sampling_locations + query_head * samples * 2;
       const scalar_t* weights = attention_weights + query_head * samples;
-      scalar_t* out = output + query_head * channels;
-      if constexpr (kChannels > 0) {
-        scalar_t acc[kChannels] = {};
-        accumulate_query_head<scalar_t, kChannels>(args, channels, channels, rows.get(),
-                                                   locations, weights, acc);
-        std::copy(acc, acc + kChannels, out);
-      } else {
-        std::fill(out, out + channels, scalar_t(0));
-        accumulate_query_head<scalar_t, kChannels>(args, channels, channels, rows.get(),
-                                                   locations, weights, out);
-      }
+      // Gathered rows are D apart.
+      forward_query_head<scalar_t, kChannels>(args, channels, channels, rows.get(), locations,
+                                              weights, output + query_head * channels);
     }
   }
 }
