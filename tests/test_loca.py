@@ -1,4 +1,5 @@
 """LOCA: views and correspondences, losses, teacher, model, pre-training, export, resume."""
+import json
 import logging
 import math
 import os
@@ -425,3 +426,28 @@ def test_export_names_the_vit_after_the_target_models_backbone_module():
     exported = export_backbone({"model": state}, restr_cfg)
     assert exported and all(key.startswith("encoder_v.") for key in exported)
     assert "encoder_v.layers.0.ln1.weight" in exported
+
+
+def test_loca_transfer_pretrains_exports_and_fine_tunes_from_loca_and_from_scratch(datasets_dir, tmp_path):
+    # The tool of `make quickstart MODEL=loca`, on the tiny configs: --pretrain-opts reach the
+    # pre-training, --finetune-opts both fine-tunings, and only the LOCA one loads the export.
+    out = tmp_path / "transfer"
+    result = run_tool(["tools/loca_transfer.py", "--output-dir", str(out), "--seed", "5",
+                       "--pretrain-config", CONFIG, "--finetune-config", STRUCT_TOKEN_CONFIG,
+                       "--pretrain-opts", "SOLVER.MAX_ITER", "2",
+                       "--finetune-opts", "SOLVER.MAX_ITER", "2", "MODEL.STRUCT_TOKEN.NUM_LAYERS", "1"],
+                      datasets_dir, REPO)
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    assert results["seed"] == 5 and 0 <= results["pretrain"]["localization/top1"] <= 100
+    summary = result.stdout + result.stderr
+    weights = out / "loca_vit_teacher.pth"
+    assert any(key.startswith("backbone.") for key in torch.load(weights)["model"])
+    for name, expected_weights in (("loca", str(weights)), ("scratch", "")):
+        assert 0 <= results[f"finetune_{name}"]["sem_seg/mIoU"] <= 100
+        cfg = kmax_m2f.build_config(str(out / f"finetune_{name}" / "config.yaml"))
+        assert (cfg.MODEL.WEIGHTS, cfg.SEED, cfg.SOLVER.MAX_ITER) == (expected_weights, 5, 2)
+        assert cfg.MODEL.STRUCT_TOKEN.NUM_LAYERS == 1 and cfg.MODEL.VIT.FINAL_NORM
+        assert f"Fine-tuned from {name}" in summary
+    pretrain_cfg = kmax_m2f.build_config(str(out / "pretrain" / "config.yaml"))
+    assert (pretrain_cfg.SOLVER.MAX_ITER, pretrain_cfg.SEED) == (2, 5)
