@@ -83,3 +83,42 @@ def test_loss_falls_more_than_5x_on_a_fixed_batch(synthetic_prefix):
     first, last = sum(finals[:3]) / 3, sum(finals[-3:]) / 3
     assert first / last > 5, f"the final losses fell from {first:.2f} to {last:.2f} only"
     assert sum(insdis[-3:]) < 0.9 * sum(insdis[:3])
+
+
+def test_channels_last_layout_changes_no_loss_gradient_or_prediction(synthetic_prefix):
+    """MODEL.KMAX_DEEPLAB.CHANNEL_LAST_FORMAT (on by default) only changes the memory layout."""
+    torch.manual_seed(0)
+    cfg = kmax_m2f.build_config(str(REPO / CONFIG), [
+        "DATASETS.TRAIN", f"('{synthetic_prefix}_panoptic_train',)", "INPUT.RANDOM_FLIP", "none",
+    ])
+    assert cfg.MODEL.KMAX_DEEPLAB.CHANNEL_LAST_FORMAT
+    mapper = build_mapper(cfg, is_train=True)
+    mapper.copy_paste = False
+    batch = [mapper(record) for record in DatasetCatalog.get(f"{synthetic_prefix}_panoptic_train")[:2]]
+    # float64, so that the two layouts' different summation orders stay far below the tolerances.
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        channels_last = build_model(cfg)
+        nchw = build_model(cfg)
+        nchw.load_state_dict(channels_last.state_dict())
+        nchw.channel_last_format = False
+
+        losses, gradients, predictions = [], [], []
+        for model in (channels_last, nchw):
+            model.train()
+            torch.manual_seed(1)  # the same drop-path draws on both sides
+            model_losses = model(batch)
+            sum(model_losses.values()).backward()
+            losses.append(model_losses)
+            gradients.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+            model.eval()
+            with torch.no_grad():
+                predictions.append(model([{"image": batch[0]["image"]}])[0])
+    finally:
+        torch.set_default_dtype(previous_dtype)
+    torch.testing.assert_close(losses[0], losses[1])
+    assert gradients[0].keys() == gradients[1].keys() and gradients[0]
+    torch.testing.assert_close(gradients[0], gradients[1])
+    torch.testing.assert_close(predictions[0]["sem_seg"], predictions[1]["sem_seg"])
+    assert torch.equal(predictions[0]["panoptic_seg"][0], predictions[1]["panoptic_seg"][0])

@@ -262,6 +262,29 @@ def test_shared_layers_follow_tf_conventions():
 
 
 @pytest.mark.parametrize("autocast", [False, True])
+def test_layer_norm_2d_same_values_and_gradients_in_both_layouts_and_keeps_the_layout(autocast):
+    torch.manual_seed(0)
+    norm = LayerNorm2d(6)
+    nn.init.normal_(norm.weight), nn.init.normal_(norm.bias)
+    x = torch.randn(2, 6, 5, 7)
+    outputs, input_grads, parameter_grads = [], [], []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x_in = x.clone().to(memory_format=memory_format).requires_grad_()
+        norm.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = norm(x_in.to(torch.bfloat16) if autocast else x_in)
+        assert y.dtype == torch.float32
+        assert y.is_contiguous(memory_format=memory_format)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outputs.append(y)
+        input_grads.append(x_in.grad)
+        parameter_grads.append([norm.weight.grad.clone(), norm.bias.grad.clone()])
+    torch.testing.assert_close(outputs[1], outputs[0])
+    torch.testing.assert_close(input_grads[1], input_grads[0])
+    torch.testing.assert_close(parameter_grads[1], parameter_grads[0])
+
+
+@pytest.mark.parametrize("autocast", [False, True])
 def test_depthwise_conv_matches_nn_conv2d_in_value_gradient_and_layout(autocast):
     torch.manual_seed(0)
     depthwise = DepthwiseConv2d(6, 5, padding=2, bias=True)

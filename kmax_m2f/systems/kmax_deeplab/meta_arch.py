@@ -108,7 +108,7 @@ class kMaXDeepLab(MaskClassificationModel):
         reorder_mask_weight: float,
         input_shape: tuple[int, int],
         ignore_value: int = 255,
-        channel_last_format: bool = False,
+        channel_last_format: bool = True,
         deep_supervision: bool = True,
         **kwargs,
     ):
@@ -116,7 +116,8 @@ class kMaXDeepLab(MaskClassificationModel):
         Args:
             input_shape: the fixed (H, W) every input is padded to.
             ignore_value: semantic label of void pixels in the targets.
-            channel_last_format: run the backbone on channels-last tensors (faster on recent GPUs).
+            channel_last_format: run the backbone (and so the pixel decoder) on channels-last tensors:
+                the same results, faster on CPUs (BENCHMARKS.md).
             deep_supervision: supervise every kMaX layer's prediction, not only the final one.
             kwargs: :class:`MaskClassificationModel`'s arguments.
             Others: as the MODEL.KMAX_DEEPLAB.TEST keys they come from.
