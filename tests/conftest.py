@@ -1,9 +1,11 @@
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 # Small enough to write in about a second, large enough for every class to appear.
@@ -63,3 +65,14 @@ def refer_datasets_dir(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(REPO / "datasets" / "prepare_synthetic.py"), *args], check=True,
                    capture_output=True)
     return root
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    """``dtype`` as torch's default dtype inside the block (models built there get it)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

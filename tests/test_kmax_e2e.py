@@ -8,7 +8,7 @@ from PIL import Image
 import kmax_m2f
 from kmax_m2f.data import build_mapper
 
-from .conftest import REPO, run_tool
+from .conftest import REPO, default_dtype, run_tool
 
 CONFIG = "tests/configs/tiny_kmax_panoptic.yaml"
 METRICS = ["copypaste: Task: panoptic_seg", "copypaste: Task: segm", "copypaste: Task: sem_seg"]
@@ -96,9 +96,7 @@ def test_channels_last_layout_changes_no_loss_gradient_or_prediction(synthetic_p
     mapper.copy_paste = False
     batch = [mapper(record) for record in DatasetCatalog.get(f"{synthetic_prefix}_panoptic_train")[:2]]
     # float64, so that the two layouts' different summation orders stay far below the tolerances.
-    previous_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         channels_last = build_model(cfg)
         nchw = build_model(cfg)
         nchw.load_state_dict(channels_last.state_dict())
@@ -115,8 +113,6 @@ def test_channels_last_layout_changes_no_loss_gradient_or_prediction(synthetic_p
             model.eval()
             with torch.no_grad():
                 predictions.append(model([{"image": batch[0]["image"]}])[0])
-    finally:
-        torch.set_default_dtype(previous_dtype)
     torch.testing.assert_close(losses[0], losses[1])
     assert gradients[0].keys() == gradients[1].keys() and gradients[0]
     torch.testing.assert_close(gradients[0], gradients[1])

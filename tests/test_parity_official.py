@@ -18,6 +18,7 @@ from detectron2.structures import Instances
 import kmax_m2f
 from kmax_m2f.systems.kmax_deeplab.transformer_decoder import resize_aux_outputs
 
+from .conftest import default_dtype
 from .fixtures.parity.weights import expand_state_dict
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "parity")
@@ -42,13 +43,12 @@ def _register_metadata(num_classes: int, thing_ids: tuple[int, ...]) -> None:
 def _float64():
     """float64 as the default dtype, and ``Tensor.float()`` (both implementations' casts for fp16
     autocast) casting to it, as when the fixtures were made."""
-    previous_dtype, previous_float = torch.get_default_dtype(), torch.Tensor.float
-    torch.set_default_dtype(torch.float64)
+    previous_float = torch.Tensor.float
     torch.Tensor.float = lambda self, *args, **kwargs: self.to(torch.get_default_dtype(), *args, **kwargs)
     try:
-        yield
+        with default_dtype(torch.float64):
+            yield
     finally:
-        torch.set_default_dtype(previous_dtype)
         torch.Tensor.float = previous_float
 
 
