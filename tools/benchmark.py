@@ -689,23 +689,27 @@ OFFICIAL_CONFIGS = {
 OUR_CONFIGS = {"mask2former": MASK2FORMER_R50, "kmax": KMAX_R50}
 OFFICIAL_PACKAGES = {"mask2former": "mask2former", "kmax": "kmax_deeplab"}
 # name -> (system, what, H, W, batch); "op" cases: MSDeformAttn forward + backward at Mask2Former
-# R50's 1024x1024 sizes with the named sampling-location distribution; "train-checkpoint": our
-# training step with the system's activation-checkpoint switch on (the official code has none).
+# R50's 1024x1024 sizes with the named sampling-location distribution.
 COMPARE_CASES = {
     "op-uniform": ("mask2former", "op-uniform", 1024, 1024, 2),
     "op-local": ("mask2former", "op-local", 1024, 1024, 2),
     "m2f-inference-512": ("mask2former", "inference", 512, 512, 1),
     "m2f-inference-800x1333": ("mask2former", "inference", 800, 1333, 1),
     "m2f-train-512-b2": ("mask2former", "train", 512, 512, 2),
+    "m2f-train-512-b2-keep-ffn": ("mask2former", "train-keep-ffn", 512, 512, 2),
     "m2f-train-512-b2-checkpoint": ("mask2former", "train-checkpoint", 512, 512, 2),
     "kmax-inference-641": ("kmax", "inference", 641, 641, 1),
     "kmax-inference-1281": ("kmax", "inference", 1281, 1281, 1),
     "kmax-train-641-b2": ("kmax", "train", 641, 641, 2),
     "kmax-train-641-b2-checkpoint": ("kmax", "train-checkpoint", 641, 641, 2),
 }
-ACTIVATION_CHECKPOINT_KEYS = {
-    "mask2former": "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_ACTIVATION_CHECKPOINT",
-    "kmax": "MODEL.KMAX_DEEPLAB.PIXEL_DEC.ACTIVATION_CHECKPOINT",
+# The memory switches a training case sets on our side (the official code has none of them):
+# "train-checkpoint" recomputes whole blocks in backward; "train-keep-ffn" keeps Mask2Former's
+# encoder FFN activations instead of recomputing them (the default).
+OUR_CASE_OPTS = {
+    ("mask2former", "train-checkpoint"): ["MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_ACTIVATION_CHECKPOINT", "True"],
+    ("mask2former", "train-keep-ffn"): ["MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_FFN_CHECKPOINT", "False"],
+    ("kmax", "train-checkpoint"): ["MODEL.KMAX_DEEPLAB.PIXEL_DEC.ACTIVATION_CHECKPOINT", "True"],
 }
 
 
@@ -788,8 +792,7 @@ def _compare_step(args: argparse.Namespace, side: str, case: str) -> tuple[Calla
         cfg, model = _official_model(_official_root(args.official_root, system), system, height, width)
     else:
         opts = ["INPUT.IMAGE_SIZE", f"[{height}, {width}]"] if system == "kmax" else []
-        if what == "train-checkpoint":
-            opts += [ACTIVATION_CHECKPOINT_KEYS[system], "True"]
+        opts += OUR_CASE_OPTS.get((system, what), [])
         cfg, model = _build_measured_model(args, OUR_CONFIGS[system], opts)
     inputs = _model_batch(height, width, batch, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, what != "inference",
                           4 if system == "kmax" else 1)

@@ -1,6 +1,7 @@
 """Activation checkpointing that leaves batch-norm running statistics as one forward pass left them."""
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -10,11 +11,12 @@ __all__ = ["checkpointed_call"]
 
 
 @contextlib.contextmanager
-def _running_stats_kept(module: nn.Module) -> Iterator[None]:
+def _running_stats_kept(module: Optional[nn.Module]) -> Iterator[None]:
     """Restore the running statistics of every batch norm in ``module`` on exit: the
     recomputation in backward is not a second training step, and a second update (or a second
     count in ``num_batches_tracked``) would shift the statistics evaluation uses."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    modules = module.modules() if module is not None else ()
+    norms = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
     try:
         yield
@@ -25,17 +27,21 @@ def _running_stats_kept(module: nn.Module) -> Iterator[None]:
             norm.num_batches_tracked.copy_(count)
 
 
-def checkpointed_call(module: nn.Module, *inputs: torch.Tensor, enabled: bool = True) -> torch.Tensor:
-    """``module(*inputs)``, keeping only ``inputs`` for the backward pass, which runs ``module``
-    again to get what its own backward needs (``torch.utils.checkpoint``, non-reentrant).
+def checkpointed_call(function: Callable[..., Any], *inputs: torch.Tensor, enabled: bool = True) -> Any:
+    """``function(*inputs)``, keeping only ``inputs`` for the backward pass, which runs
+    ``function`` again to get what its own backward needs (``torch.utils.checkpoint``,
+    non-reentrant).
 
-    The random state is replayed, so dropout and drop path draw the same in both passes; batch
-    norms update their running statistics once. Without gradients (inference), or not
-    ``enabled`` (a model's activation-checkpoint switch off), it is a plain call.
+    ``function`` is a module or a method of one. The random state is replayed, so dropout and
+    drop path draw the same in both passes; that module's batch norms update their running
+    statistics once. Without gradients (inference), or not ``enabled`` (a model's
+    activation-checkpoint switch off), it is a plain call.
     """
     if not (enabled and torch.is_grad_enabled()):
-        return module(*inputs)
+        return function(*inputs)
+    owner = getattr(function, "__self__", function)
+    owner = owner if isinstance(owner, nn.Module) else None
     return checkpoint(
-        module, *inputs, use_reentrant=False,
-        context_fn=lambda: (contextlib.nullcontext(), _running_stats_kept(module)),
+        function, *inputs, use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _running_stats_kept(owner)),
     )

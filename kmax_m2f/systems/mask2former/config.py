@@ -55,6 +55,10 @@ def add_config(cfg: CN) -> None:
     # Recompute each deformable encoder layer in backward instead of keeping its activations:
     # less training memory for more time (BENCHMARKS.md has both).
     head.TRANSFORMER_ENC_ACTIVATION_CHECKPOINT = False
+    # Recompute only each encoder layer's first norm and FFN (its 1024-wide hidden is the
+    # layer's largest activation) in backward: about 40% of the layer's activations for one more
+    # 256 -> 1024 matmul per layer (BENCHMARKS.md). Covered by the switch above when that is on.
+    head.TRANSFORMER_ENC_FFN_CHECKPOINT = True
     head.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
     head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
