@@ -701,15 +701,18 @@ COMPARE_CASES = {
     "kmax-inference-641": ("kmax", "inference", 641, 641, 1),
     "kmax-inference-1281": ("kmax", "inference", 1281, 1281, 1),
     "kmax-train-641-b2": ("kmax", "train", 641, 641, 2),
+    "kmax-train-641-b2-keep-norm-act": ("kmax", "train-keep-norm-act", 641, 641, 2),
     "kmax-train-641-b2-checkpoint": ("kmax", "train-checkpoint", 641, 641, 2),
 }
 # The memory switches a training case sets on our side (the official code has none of them):
-# "train-checkpoint" recomputes whole blocks in backward; "train-keep-ffn" keeps Mask2Former's
-# encoder FFN activations instead of recomputing them (the default).
+# "train-checkpoint" recomputes whole blocks in backward; "train-keep-ffn" and
+# "train-keep-norm-act" keep Mask2Former's encoder FFN activations and kMaX's batch-norm outputs
+# instead of recomputing them (the defaults).
 OUR_CASE_OPTS = {
     ("mask2former", "train-checkpoint"): ["MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_ACTIVATION_CHECKPOINT", "True"],
     ("mask2former", "train-keep-ffn"): ["MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_FFN_CHECKPOINT", "False"],
     ("kmax", "train-checkpoint"): ["MODEL.KMAX_DEEPLAB.PIXEL_DEC.ACTIVATION_CHECKPOINT", "True"],
+    ("kmax", "train-keep-norm-act"): ["MODEL.KMAX_DEEPLAB.NORM_ACT_CHECKPOINT", "False"],
 }
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "RelativePositionalEncoding",
     "SingleBlock",
     "get_kmax_norm",
+    "recompute_norm_activations",
     "tf_align_corners",
     "trunc_normal_tf_",
 ]
@@ -133,7 +134,9 @@ class ConvBN(nn.Module):
     """Convolution, then optional TF-style batch norm, then optional activation.
 
     Submodules ``conv``, ``norm``, ``act`` (the latter two are parameter-free identities when
-    disabled), as in the official port.
+    disabled), as in the official port. With ``recompute_norm_act`` (set by
+    :func:`recompute_norm_activations`) the norm's output, which the activation would keep for
+    backward, is computed again there from the convolution's output, which the norm keeps anyway.
     """
 
     def __init__(
@@ -177,6 +180,7 @@ class ConvBN(nn.Module):
             )
         self.norm = get_kmax_norm(norm, out_channels, ndim)
         self.act = _activation(act)
+        self.recompute_norm_act = False
 
         if conv_init == "he_normal":
             trunc_normal_tf_(self.conv.weight, std=math.sqrt(2.0 / in_channels))
@@ -191,7 +195,36 @@ class ConvBN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C_in, H, W] -> [B, C_out, H', W'] (or [B, C, L] for ndim=1)."""
-        return self.act(self.norm(self.conv(x)))
+        return checkpointed_call(self._norm_act, self.conv(x), enabled=self.recompute_norm_act)
+
+    def _norm_act(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(x))
+
+
+def recompute_norm_activations(model: nn.Module, enabled: bool = True) -> int:
+    """Switch ``recompute_norm_act`` of every :class:`ConvBN` in ``model`` whose batch norm feeds
+    an activation: in backward, the norm runs again on the kept convolution output instead of its
+    output being kept (one more batch-norm forward pass for one activation map less; the same
+    gradients and running statistics).
+
+    Sync batch norms are left alone when this process is one of several (they would gather their
+    statistics across processes again inside the backward pass); alone, they are plain batch norms.
+    Returns how many were switched.
+    """
+    several_processes = torch.distributed.is_available() and torch.distributed.is_initialized() and (
+        torch.distributed.get_world_size() > 1
+    )
+    switched = 0
+    for module in model.modules():
+        if (
+            isinstance(module, ConvBN)
+            and isinstance(module.norm, nn.modules.batchnorm._BatchNorm)
+            and not (several_processes and isinstance(module.norm, nn.SyncBatchNorm))
+            and not isinstance(module.act, nn.Identity)
+        ):
+            module.recompute_norm_act = enabled
+            switched += 1
+    return switched
 
 
 class RelativePositionalEncoding(nn.Module):

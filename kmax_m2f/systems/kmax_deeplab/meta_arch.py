@@ -16,7 +16,7 @@ from ...modeling.meta_arch.common import thing_ids
 from ...modeling.meta_arch.mask_classification import MaskClassificationModel
 from ...modeling.set_criterion import build_weight_dict
 from .criterion import kMaXMatchingCost, kMaXSetCriterion
-from .layers import tf_align_corners
+from .layers import recompute_norm_activations, tf_align_corners
 from .postprocess import instance_inference, panoptic_inference, semantic_inference
 from .transformer_decoder import resize_aux_outputs
 
@@ -109,6 +109,7 @@ class kMaXDeepLab(MaskClassificationModel):
         input_shape: tuple[int, int],
         ignore_value: int = 255,
         channel_last_format: bool = True,
+        recompute_norm_act: bool = True,
         deep_supervision: bool = True,
         **kwargs,
     ):
@@ -118,6 +119,9 @@ class kMaXDeepLab(MaskClassificationModel):
             ignore_value: semantic label of void pixels in the targets.
             channel_last_format: run the backbone (and so the pixel decoder) on channels-last tensors:
                 the same results, faster on CPUs (BENCHMARKS.md).
+            recompute_norm_act: in training, recompute the output of every batch norm that feeds
+                an activation in backward instead of keeping it (:func:`recompute_norm_activations`;
+                less memory, the same gradients).
             deep_supervision: supervise every kMaX layer's prediction, not only the final one.
             kwargs: :class:`MaskClassificationModel`'s arguments.
             Others: as the MODEL.KMAX_DEEPLAB.TEST keys they come from.
@@ -133,6 +137,7 @@ class kMaXDeepLab(MaskClassificationModel):
         self.input_shape = tuple(input_shape)
         self.ignore_value = ignore_value
         self.channel_last_format = channel_last_format
+        recompute_norm_activations(self, recompute_norm_act)
         self.deep_supervision = deep_supervision
         # tools/demo.py --show-clusters switches this on, so that detectron2's DefaultPredictor
         # returns the cluster maps too (see :meth:`inference`).
@@ -184,6 +189,7 @@ class kMaXDeepLab(MaskClassificationModel):
             input_shape=fixed_image_size(cfg),
             ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             channel_last_format=kmax.CHANNEL_LAST_FORMAT,
+            recompute_norm_act=kmax.NORM_ACT_CHECKPOINT,
             deep_supervision=kmax.DEEP_SUPERVISION,
         )
         return args
