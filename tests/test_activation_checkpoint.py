@@ -1,5 +1,6 @@
 """Activation checkpointing: the same values, gradients and batch-norm statistics as the plain
 forward pass, with fewer activations kept for backward."""
+import functools
 import importlib.util
 
 import pytest
@@ -203,13 +204,6 @@ def test_benchmark_counts_kept_activations_by_module():
     assert sum(kept[True].values()) < 0.5 * sum(kept[False].values())
 
 
-def _lookup(cfg, dotted: str):
-    """``cfg.A.B.C`` for ``"A.B.C"``."""
-    for part in dotted.split("."):
-        cfg = cfg[part]
-    return cfg
-
-
 def test_compare_official_memory_cases_set_existing_config_keys():
     """Every training variant compare-official names sets a key our config has to a value other
     than its default: a renamed key or a changed default would measure the default twice."""
@@ -221,4 +215,5 @@ def test_compare_official_memory_cases_set_existing_config_keys():
         default = kmax_m2f.build_config(config, ["MODEL.WEIGHTS", ""])
         cfg = kmax_m2f.build_config(config, ["MODEL.WEIGHTS", ""] + opts)
         for key, value in zip(opts[::2], opts[1::2]):
-            assert str(_lookup(cfg, key)) == value != str(_lookup(default, key)), (what, key)
+            lookup = functools.partial(functools.reduce, getattr, key.split("."))
+            assert str(lookup(cfg)) == value != str(lookup(default)), (what, key)

@@ -18,6 +18,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from detectron2.utils import comm
 from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import StochasticDepth
@@ -211,9 +212,7 @@ def recompute_norm_activations(model: nn.Module, enabled: bool = True) -> int:
     statistics across processes again inside the backward pass); alone, they are plain batch norms.
     Returns how many were switched.
     """
-    several_processes = torch.distributed.is_available() and torch.distributed.is_initialized() and (
-        torch.distributed.get_world_size() > 1
-    )
+    several_processes = comm.get_world_size() > 1
     switched = 0
     for module in model.modules():
         if (
