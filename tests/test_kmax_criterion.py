@@ -18,6 +18,8 @@ from kmax_m2f.systems.kmax_deeplab.criterion import (
 )
 from kmax_m2f.modeling.matcher import HungarianMatcher
 
+from .conftest import default_dtype
+
 K = 3  # classes without void
 IGNORE = 255
 WEIGHTS = {"loss_ce": 3.0, "loss_dice": 3.0, "loss_mask": 0.3, "loss_pixel_insdis": 1.0, "loss_aux_semantic": 1.0}
@@ -593,3 +595,71 @@ def test_bad_inputs():
         criterion(matcher, masking_void_pixel=False)
     with pytest.raises(ValueError, match="unknown losses"):
         criterion(matcher, ["labels", "boxes"])
+
+
+# ---------------------------------------------------------------------------------------------
+# What the losses keep for the backward pass
+# ---------------------------------------------------------------------------------------------
+
+
+def test_softmax_and_log_softmax_gradients():
+    logits = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    probs, log_probs = kmax_module._softmax_and_log_softmax(logits)
+    torch.testing.assert_close(probs, logits.softmax(1), rtol=0, atol=0)
+    torch.testing.assert_close(log_probs, logits.log_softmax(1), rtol=0, atol=0)
+    assert torch.autograd.gradcheck(kmax_module._softmax_and_log_softmax, (logits,))
+    # Either output alone (the other's gradient is None).
+    assert torch.autograd.gradcheck(lambda z: kmax_module._softmax_and_log_softmax(z)[0], (logits,))
+    assert torch.autograd.gradcheck(lambda z: kmax_module._softmax_and_log_softmax(z)[1], (logits,))
+
+
+def test_pixels_at_equals_gather_and_keeps_only_the_index():
+    values = torch.randn(2, 3, 50, requires_grad=True)
+    index = torch.stack([torch.randperm(50)[:7], torch.randperm(50)[:7]])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        picked = kmax_module._pixels_at(values, index)
+    assert torch.equal(picked, values.gather(2, index[:, None].expand(-1, 3, -1)))
+    assert all(t.untyped_storage().data_ptr() != values.untyped_storage().data_ptr() for t in saved)
+    (grad,) = torch.autograd.grad((picked * torch.arange(7.0)).sum(), values)
+    (expected,) = torch.autograd.grad((values.gather(2, index[:, None].expand(-1, 3, -1)) * torch.arange(7.0)).sum(), values)
+    assert torch.equal(grad, expected)
+
+
+def test_losses_keep_one_map_per_output_and_the_gradients_of_the_plain_formulas(monkeypatch):
+    """Of the [B, N, L] / [B, D, L] maps, the mask losses keep the softmax only and the pixel and
+    semantic losses none; the gradients equal those of plain softmax / log_softmax / gather."""
+    with default_dtype(torch.float64):
+        outputs, targets = random_case(17, num_queries=6, num_segments=[3, 2], size=(8, 9), dim=6)
+        outputs = with_aux(outputs, 2)
+    leaves = [outputs["pred_masks"], outputs["pixel_feature"], outputs["aux_semantic_pred"]]
+    leaves += [aux[k] for aux in outputs["aux_outputs"] for k in ("pred_masks", "pixel_feature")]
+    for leaf in leaves:
+        leaf.requires_grad_(True)
+    crit = criterion(FixedMatcher([[(0, 0), (3, 1), (1, 2)], [(2, 0), (5, 1)]]), ["masks", "pixels", "aux_semantic"],
+                     num_aux=2, pixel_insdis_sample_k=20, aux_semantic_sample_k=20)
+
+    def gradients() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        full_maps = []
+
+        def pack(tensor):
+            # Predictions (the targets, shared by all outputs, need no gradient).
+            if tensor.requires_grad and tensor.dim() == 3 and tensor.shape[-1] == 8 * 9:
+                full_maps.append(tensor)
+            return tensor
+
+        with default_dtype(torch.float64), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            losses = crit(outputs, targets)
+        grads = torch.autograd.grad(sum(crit.weighted_losses(losses).values()), leaves)
+        return list(grads), full_maps
+
+    grads, kept = gradients()
+    assert len(kept) == 3  # one softmax per output
+    assert all(t.shape[1] == 6 for t in kept)
+    monkeypatch.setattr(kmax_module, "_softmax_and_log_softmax", lambda z: (z.softmax(1), z.log_softmax(1)))
+    monkeypatch.setattr(kmax_module, "_pixels_at", lambda v, i: v.gather(2, i[:, None].expand(-1, v.shape[1], -1)))
+    plain_grads, plain_kept = gradients()
+    assert len(plain_kept) > len(kept)
+    for grad, plain in zip(grads, plain_grads):
+        torch.testing.assert_close(grad, plain, rtol=1e-12, atol=1e-15)

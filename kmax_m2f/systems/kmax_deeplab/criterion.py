@@ -307,9 +307,9 @@ class kMaXSetCriterion(nn.Module):
 
         # Void pixels have an all-zero target and hence zero loss already; the fill also keeps them
         # out of the non-zero count.
-        mask_id_ce = F.cross_entropy(logits, targets, reduction="none").masked_fill(void, 0.0)  # [B, L]
+        probs, log_probs = _softmax_and_log_softmax(logits)
+        mask_id_ce = -(targets * log_probs).sum(1).masked_fill(void, 0.0)  # [B, L]
 
-        probs = logits.softmax(1)
         if self.masking_void_pixel:
             probs = probs.masked_fill(void[:, None], 0.0)
         dice = (2 * (probs * targets).sum(-1) + _DICE_LOSS_SMOOTH) / (
@@ -330,7 +330,7 @@ class kMaXSetCriterion(nn.Module):
             sampled_masks = masks.gather(2, index[:, None].expand(-1, masks.shape[1], -1))  # [B, N, S]
             # Sampled pixels sharing each pixel's segment (itself included); 0 on void pixels.
             segment_size = (sampled_masks.transpose(1, 2) @ sampled_masks.sum(-1, keepdim=True)).squeeze(-1)  # [B, S]
-        sampled = features.gather(2, index[:, None].expand(-1, features.shape[1], -1))  # [B, D, S]
+        sampled = _pixels_at(features, index)  # [B, D, S]
         temperature = self.pixel_insdis_similarity_temperature
         # The soft cross-entropy against target t_ij = same_segment_ij / segment_size_i, without
         # any S x S matrix kept for the backward pass (7 outputs x B images x 4096^2 floats would
@@ -364,7 +364,7 @@ class kMaXSetCriterion(nn.Module):
                     void, log_inverse_area, self.aux_semantic_temperature, self.aux_semantic_sample_k
                 )
             semantic = semantic.gather(1, index)
-            logits = logits.gather(2, index[:, None].expand(-1, logits.shape[1], -1))
+            logits = _pixels_at(logits, index)
         loss = F.cross_entropy(logits, semantic, ignore_index=self.ignore_value, reduction="none")  # [B, S]
         return {"loss_aux_semantic": _mean_of_nonzero(loss)}
 
@@ -568,6 +568,49 @@ class kMaXSetCriterion(nn.Module):
 
 def _promote(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: at_least_float32(v) if isinstance(v, Tensor) else v for k, v in outputs.items()}
+
+
+class _SoftmaxAndLogSoftmax(torch.autograd.Function):
+    """(softmax, log_softmax) over dim 1 of [B, N, L] logits, keeping only the softmax for the
+    backward pass.
+
+    The mask losses need both; computed apart, autograd keeps each result, one [B, N, L] map more
+    per output (7 outputs x 25 MiB for the R50 at 641x641, batch 2). Both gradients need only the
+    softmax p: for upstream gradients g_p and g_log,
+        dL/dz = p * (g_p - sum_n p g_p) + g_log - p * sum_n g_log.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor) -> tuple[Tensor, Tensor]:
+        log_probs = logits.log_softmax(1)
+        probs = logits.softmax(1)
+        ctx.save_for_backward(probs)
+        return probs, log_probs
+
+    @staticmethod
+    def backward(ctx, grad_probs: Optional[Tensor], grad_log_probs: Optional[Tensor]) -> Tensor:
+        (probs,) = ctx.saved_tensors
+        grad_logits = torch.zeros_like(probs)
+        if grad_probs is not None:
+            grad_logits += probs * (grad_probs - (probs * grad_probs).sum(1, keepdim=True))
+        if grad_log_probs is not None:
+            grad_logits += grad_log_probs - probs * grad_log_probs.sum(1, keepdim=True)
+        return grad_logits
+
+
+def _softmax_and_log_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """[B, N, L] logits -> (softmax, log_softmax) over N, with one [B, N, L] map kept for backward."""
+    return _SoftmaxAndLogSoftmax.apply(logits)
+
+
+def _pixels_at(values: Tensor, index: Tensor) -> Tensor:
+    """``values`` [B, C, L] at the pixels ``index`` [B, S] -> [B, C, S].
+
+    Indexing rather than ``gather``: gather's backward keeps its whole input, here a
+    full-resolution map per output kept only to be sampled at S pixels; indexing keeps the index.
+    """
+    batch_index = torch.arange(values.shape[0], device=values.device)[:, None]
+    return values[batch_index, :, index].transpose(1, 2)
 
 
 def _similarity_logsumexp(features: Tensor, temperature: float) -> Tensor:
