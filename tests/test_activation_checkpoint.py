@@ -11,7 +11,7 @@ from torch import nn
 
 import kmax_m2f
 from kmax_m2f.layers.recompute import checkpointed_call
-from kmax_m2f.systems.kmax_deeplab.layers import ConvBN, SingleBlock, recompute_norm_activations
+from kmax_m2f.systems.kmax_deeplab.layers import ConvBN, SingleBlock, gelu_then_convolutions, recompute_activations
 from kmax_m2f.systems.kmax_deeplab.pixel_decoder import kMaXPixelDecoder
 from kmax_m2f.systems.mask2former import MSDeformAttnPixelDecoder
 
@@ -98,6 +98,46 @@ def test_checkpointed_call_without_gradients_is_a_plain_call():
         assert torch.equal(checkpointed_call(block, x), block(x))
 
 
+class _ActivatedConvolutions(nn.Module):
+    """GELU read by two convolutions, as at the start of a kMaX pixel-decoder block."""
+
+    def __init__(self, recompute: bool) -> None:
+        super().__init__()
+        self.recompute = recompute
+        self.first = nn.Conv2d(4, 6, 1)
+        self.second = nn.Conv2d(4, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second, activated = gelu_then_convolutions(x, (self.first, self.second, None), self.recompute)
+        return first * second + activated.sum(1, keepdim=True)
+
+
+def test_gelu_then_convolutions_recomputes_only_the_gelu():
+    torch.manual_seed(0)
+    plain, recomputing = _ActivatedConvolutions(False).double(), _ActivatedConvolutions(True).double()
+    recomputing.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    results = []
+    for model in (plain, recomputing):
+        out, kept = _saved_bytes(model, lambda: model(x))
+        results.append((out, kept, torch.autograd.grad(out.square().sum(), [x, *model.parameters()])))
+    (plain_out, plain_kept, plain_grads), (out, kept, grads) = results
+    torch.testing.assert_close(out, plain_out, rtol=0, atol=0)
+    # Plain: x (GELU), the GELU output (convolutions) and the two convolution outputs (product);
+    # recomputing, the GELU output is not kept.
+    assert plain_kept - kept == x.numel() * x.element_size()
+    for grad, plain_grad in zip(grads, plain_grads):
+        torch.testing.assert_close(grad, plain_grad, rtol=0, atol=0)
+
+    loss = recomputing(x).sum()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as backward:
+        loss.backward()
+    ops = {event.key: event.count for event in backward.key_averages()}
+    # The GELU runs again; the convolutions' outputs come from what was kept (aten::convolution
+    # is still entered, but its kernel, aten::_convolution, is not).
+    assert ops.get("aten::gelu", 0) > 0 and ops.get("aten::_convolution", 0) == 0
+
+
 def _m2f_decoder_cfg(ffn_checkpoint: bool, layer_checkpoint: bool):
     cfg = m2f_tiny_cfg()
     cfg.MODEL.MASK_FORMER.DROPOUT = 0.1  # the recomputation must draw the same dropout masks
@@ -132,9 +172,10 @@ def test_mask2former_encoder_checkpoints_keep_the_gradients(ffn_checkpoint, laye
 
 @pytest.mark.parametrize(
     "block_checkpoint, norm_act, max_saved_fraction",
-    # Measured: 0.30 (whole blocks), 0.95 (norm outputs: the tiny decoder's maps are few and
-    # narrow next to its attention's), 0.30 (both).
-    [(True, False, 0.5), (False, True, 0.97), (True, True, 0.5)],
+    # Measured: 0.30 (whole blocks), 0.85 (norm outputs and the blocks' and fuses' GELUs: the
+    # tiny decoder's maps are few and narrow next to its attention's), 0.22 (both: the fuses'
+    # GELUs are recomputed besides the blocks).
+    [(True, False, 0.35), (False, True, 0.9), (True, True, 0.26)],
 )
 def test_kmax_pixel_decoder_checkpoint_keeps_gradients_drop_path_and_batch_norm_statistics(
     block_checkpoint, norm_act, max_saved_fraction
@@ -148,7 +189,13 @@ def test_kmax_pixel_decoder_checkpoint_keeps_gradients_drop_path_and_batch_norm_
     plain = kMaXPixelDecoder(shapes, **args).train()
     checkpointed = kMaXPixelDecoder(shapes, **args, activation_checkpoint=block_checkpoint).train()
     if norm_act:
-        assert recompute_norm_activations(checkpointed) > 0
+        assert recompute_activations(checkpointed) > 0
+        # Inside a block recomputed whole, nothing is recomputed a second time; the fuses are.
+        blocks = [m for m in checkpointed.modules() if isinstance(m, SingleBlock)]
+        assert all(block.recompute_input_activation != block_checkpoint for block in blocks)
+        assert not (block_checkpoint and any(m.recompute_norm_act for b in blocks for m in b.modules()
+                                             if isinstance(m, ConvBN)))
+        assert all(fuse.recompute_input_activation for fuse in checkpointed._resized_fuses)
     checkpointed.load_state_dict(plain.state_dict())
     for model in (plain, checkpointed):
         for module in model.modules():
@@ -170,7 +217,7 @@ def test_norm_activation_recompute_takes_batch_norms_that_feed_an_activation():
         ConvBN(4, 4, 1, norm="BN"),
         ConvBN(4, 4, 1, norm="", act="gelu"),
     ])
-    assert recompute_norm_activations(model) == 2
+    assert recompute_activations(model) == 2
     assert [m.recompute_norm_act for m in model] == [True, True, False, False]
 
 
@@ -178,7 +225,7 @@ def test_norm_activation_recompute_leaves_sync_batch_norm_of_several_processes(m
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     model = nn.ModuleList([ConvBN(4, 4, 1, norm="BN", act="gelu"), ConvBN(4, 4, 1, norm="SyncBN", act="gelu")])
-    assert recompute_norm_activations(model) == 1
+    assert recompute_activations(model) == 1
     assert [m.recompute_norm_act for m in model] == [True, False]
 
 

@@ -26,10 +26,11 @@ def add_config(cfg: CN) -> None:
     # max-pooling and LayerNorm2d run faster, so this default is on (the official one is off;
     # BENCHMARKS.md has the figures). The official port offers it for recent GPUs.
     kmax.CHANNEL_LAST_FORMAT = True
-    # In training, every batch norm that feeds an activation runs again in backward instead of
-    # its output being kept for the activation's backward: about 0.5 GiB less for the R50 at
-    # 641x641, batch 2, for one more batch-norm pass per such map (BENCHMARKS.md). Sync batch
-    # norms are left alone in multi-process training (their collectives would run again).
+    # In training, every batch norm that feeds an activation, and the GELU that each pixel-decoder
+    # block and fuse begins with, runs again in backward instead of its output being kept: about
+    # 0.7 GiB less for the R50 at 641x641, batch 2, for one more pass of those norms and GELUs
+    # (BENCHMARKS.md). Sync batch norms are left alone in multi-process training (their
+    # collectives would run again).
     kmax.NORM_ACT_CHECKPOINT = True
 
     # Losses, each also applied to the 6 kMaX layers' outputs when DEEP_SUPERVISION is on:

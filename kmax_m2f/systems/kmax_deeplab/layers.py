@@ -16,6 +16,7 @@ state dicts load unchanged.
 """
 import math
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from detectron2.utils import comm
@@ -38,7 +39,8 @@ __all__ = [
     "RelativePositionalEncoding",
     "SingleBlock",
     "get_kmax_norm",
-    "recompute_norm_activations",
+    "gelu_then_convolutions",
+    "recompute_activations",
     "tf_align_corners",
     "trunc_normal_tf_",
 ]
@@ -136,7 +138,7 @@ class ConvBN(nn.Module):
 
     Submodules ``conv``, ``norm``, ``act`` (the latter two are parameter-free identities when
     disabled), as in the official port. With ``recompute_norm_act`` (set by
-    :func:`recompute_norm_activations`) the norm's output, which the activation would keep for
+    :func:`recompute_activations`) the norm's output, which the activation would keep for
     backward, is computed again there from the convolution's output, which the norm keeps anyway.
     """
 
@@ -196,26 +198,62 @@ class ConvBN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C_in, H, W] -> [B, C_out, H', W'] (or [B, C, L] for ndim=1)."""
-        return checkpointed_call(self._norm_act, self.conv(x), enabled=self.recompute_norm_act)
+        return self.norm_act(self.conv(x))
 
-    def _norm_act(self, x: torch.Tensor) -> torch.Tensor:
+    def norm_act(self, conv_output: torch.Tensor) -> torch.Tensor:
+        """The norm and activation of ``conv_output``, the output of ``self.conv``."""
+        return checkpointed_call(self._norm_then_act, conv_output, enabled=self.recompute_norm_act)
+
+    def _norm_then_act(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(x))
 
 
-def recompute_norm_activations(model: nn.Module, enabled: bool = True) -> int:
-    """Switch ``recompute_norm_act`` of every :class:`ConvBN` in ``model`` whose batch norm feeds
-    an activation: in backward, the norm runs again on the kept convolution output instead of its
-    output being kept (one more batch-norm forward pass for one activation map less; the same
-    gradients and running statistics).
+def gelu_then_convolutions(
+    x: torch.Tensor, convolutions: Sequence[Optional[nn.Module]], recompute: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """``conv(GELU(x))`` for each of ``convolutions``; GELU(x) itself for a None.
 
-    Sync batch norms are left alone when this process is one of several (they would gather their
-    statistics across processes again inside the backward pass); alone, they are plain batch norms.
-    Returns how many were switched.
+    The GELU keeps x for its backward and each convolution would keep the GELU's output, a second
+    map as large; with ``recompute`` that output runs again in backward instead (the convolution
+    outputs are kept, as the norms after them keep them anyway).
+    """
+
+    def convolve(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        activated = F.gelu(x)
+        return tuple(activated if conv is None else conv(activated) for conv in convolutions)
+
+    return checkpointed_call(convolve, x, enabled=recompute, cheap_only=True)
+
+
+def recompute_activations(model: nn.Module, enabled: bool = True) -> int:
+    """Recompute in backward, instead of keeping, two kinds of activation map of ``model``:
+
+    - the output of the batch norm in every :class:`ConvBN` whose norm feeds an activation
+      (``recompute_norm_act``): the norm runs again on the kept convolution output;
+    - the GELU output that the convolutions of a pixel-decoder block or fuse read (modules with a
+      ``recompute_input_activation`` switch): the GELU runs again on its kept input.
+
+    Each is one map less per place for one more pass of a norm or a GELU; the gradients and
+    running statistics stay the same. Modules inside a block group that recomputes whole blocks
+    are left alone (they run again in backward anyway), and so are sync batch norms when this
+    process is one of several (they would gather their statistics across processes again inside
+    the backward pass); alone, they are plain batch norms. Returns how many were switched.
     """
     several_processes = comm.get_world_size() > 1
+    recomputed_whole = {
+        inner
+        for group in model.modules()
+        if isinstance(group, BlockGroup) and group.activation_checkpoint
+        for inner in group.modules()
+    }
     switched = 0
     for module in model.modules():
-        if (
+        if module in recomputed_whole:
+            continue
+        if hasattr(module, "recompute_input_activation"):
+            module.recompute_input_activation = enabled
+            switched += 1
+        elif (
             isinstance(module, ConvBN)
             and isinstance(module.norm, nn.modules.batchnorm._BatchNorm)
             and not (several_processes and isinstance(module.norm, nn.SyncBatchNorm))
@@ -440,12 +478,17 @@ class SingleBlock(nn.Module):
         self._conv3_bn = ConvBN(body_out, out_channels, 1, norm=norm, norm_init=0.0)
         self._shortcut = ConvBN(inplanes, out_channels, 1, norm=norm) if inplanes != out_channels else None
         self.drop_path = StochasticDepth(drop_path_prob, mode="row")
+        self.recompute_input_activation = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, inplanes, H, W] -> [B, filter_list[2], H, W]."""
-        x = F.gelu(x)
-        shortcut = x if self._shortcut is None else self._shortcut(x)
-        x = self._conv1_bn_act(x)
+        shortcut_conv = None if self._shortcut is None else self._shortcut.conv
+        shortcut, x = gelu_then_convolutions(
+            x, (shortcut_conv, self._conv1_bn_act.conv), recompute=self.recompute_input_activation
+        )
+        if self._shortcut is not None:
+            shortcut = self._shortcut.norm_act(shortcut)
+        x = self._conv1_bn_act.norm_act(x)
         if self.block_type == "axial":
             x = F.gelu(self._attention(x))
         else:

@@ -16,7 +16,7 @@ from ...modeling.meta_arch.common import thing_ids
 from ...modeling.meta_arch.mask_classification import MaskClassificationModel
 from ...modeling.set_criterion import build_weight_dict
 from .criterion import kMaXMatchingCost, kMaXSetCriterion
-from .layers import recompute_norm_activations, tf_align_corners
+from .layers import recompute_activations, tf_align_corners
 from .postprocess import instance_inference, panoptic_inference, semantic_inference
 from .transformer_decoder import resize_aux_outputs
 
@@ -119,9 +119,10 @@ class kMaXDeepLab(MaskClassificationModel):
             ignore_value: semantic label of void pixels in the targets.
             channel_last_format: run the backbone (and so the pixel decoder) on channels-last tensors:
                 the same results, faster on CPUs (BENCHMARKS.md).
-            recompute_norm_act: in training, recompute the output of every batch norm that feeds
-                an activation in backward instead of keeping it (:func:`recompute_norm_activations`;
-                less memory, the same gradients).
+            recompute_norm_act: in training, recompute in backward the output of every batch norm
+                that feeds an activation, and of the GELUs that the pixel decoder's blocks and
+                fuses begin with, instead of keeping them (:func:`recompute_activations`; less
+                memory, the same gradients).
             deep_supervision: supervise every kMaX layer's prediction, not only the final one.
             kwargs: :class:`MaskClassificationModel`'s arguments.
             Others: as the MODEL.KMAX_DEEPLAB.TEST keys they come from.
@@ -137,7 +138,7 @@ class kMaXDeepLab(MaskClassificationModel):
         self.input_shape = tuple(input_shape)
         self.ignore_value = ignore_value
         self.channel_last_format = channel_last_format
-        recompute_norm_activations(self, recompute_norm_act)
+        recompute_activations(self, recompute_norm_act)
         self.deep_supervision = deep_supervision
         # tools/demo.py --show-clusters switches this on, so that detectron2's DefaultPredictor
         # returns the cluster maps too (see :meth:`inference`).

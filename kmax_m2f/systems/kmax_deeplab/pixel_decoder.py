@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from ...config import fixed_image_size
 from ...layers import LayerNorm2d
-from .layers import BlockGroup, ConvBN, tf_align_corners
+from .layers import BlockGroup, ConvBN, gelu_then_convolutions, tf_align_corners
 
 __all__ = ["ResizedFuse", "kMaXPixelDecoder", "kmax_feature_size"]
 
@@ -62,17 +62,22 @@ class ResizedFuse(nn.Module):
             self._conv_bn_low = ConvBN(low_in_channels, out_channels, 1, norm=norm)
         if high_in_channels != out_channels:
             self._conv_bn_high = ConvBN(high_in_channels, out_channels, 1, norm=norm)
+        self.recompute_input_activation = False
 
     def forward(self, lowres_x: torch.Tensor, highres_x: torch.Tensor) -> torch.Tensor:
         """lowres_x: [B, C_low, h, w]; highres_x: [B, C_high, H, W] -> [B, out_channels, H, W]."""
         if self.low_in_channels != self.out_channels:
-            lowres_x = self._conv_bn_low(F.gelu(lowres_x))
+            lowres_x = self._activated_projection(self._conv_bn_low, lowres_x)
         lowres_x = F.interpolate(
             lowres_x, size=highres_x.shape[-2:], mode="bilinear", align_corners=tf_align_corners(lowres_x.shape)
         )
         if self.high_in_channels != self.out_channels:
-            highres_x = self._conv_bn_high(F.gelu(highres_x))
+            highres_x = self._activated_projection(self._conv_bn_high, highres_x)
         return lowres_x + highres_x
+
+    def _activated_projection(self, projection: ConvBN, x: torch.Tensor) -> torch.Tensor:
+        (conv_output,) = gelu_then_convolutions(x, (projection.conv,), recompute=self.recompute_input_activation)
+        return projection.norm_act(conv_output)
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
