@@ -706,8 +706,8 @@ COMPARE_CASES = {
 }
 # The memory switches a training case sets on our side (the official code has none of them):
 # "train-checkpoint" recomputes whole blocks in backward; "train-keep-ffn" and
-# "train-keep-norm-act" keep Mask2Former's encoder FFN activations and kMaX's batch-norm outputs
-# instead of recomputing them (the defaults).
+# "train-keep-norm-act" keep Mask2Former's encoder FFN activations and kMaX's batch-norm and
+# GELU outputs instead of recomputing them (the defaults).
 OUR_CASE_OPTS = {
     ("mask2former", "train-checkpoint"): ["MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_ACTIVATION_CHECKPOINT", "True"],
     ("mask2former", "train-keep-ffn"): ["MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_FFN_CHECKPOINT", "False"],
