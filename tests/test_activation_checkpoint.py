@@ -12,7 +12,7 @@ from torch import nn
 import kmax_m2f
 from kmax_m2f.layers.recompute import checkpointed_call
 from kmax_m2f.systems.kmax_deeplab.layers import ConvBN, SingleBlock, gelu_then_convolutions, recompute_activations
-from kmax_m2f.systems.kmax_deeplab.pixel_decoder import kMaXPixelDecoder
+from kmax_m2f.systems.kmax_deeplab.pixel_decoder import ResizedFuse, kMaXPixelDecoder
 from kmax_m2f.systems.mask2former import MSDeformAttnPixelDecoder
 
 from .conftest import REPO
@@ -234,8 +234,11 @@ def test_kmax_config_switches_norm_activation_recompute():
         cfg = kmax_m2f.build_config(str(REPO / "tests/configs/tiny_kmax_panoptic.yaml"), [
             "MODEL.KMAX_DEEPLAB.NORM_ACT_CHECKPOINT", str(enabled)
         ])
-        flags = [m.recompute_norm_act for m in build_model(cfg).modules() if isinstance(m, ConvBN)]
+        model = build_model(cfg)
+        flags = [m.recompute_norm_act for m in model.modules() if isinstance(m, ConvBN)]
         assert any(flags) == enabled
+        gelu_flags = [m.recompute_input_activation for m in model.modules() if isinstance(m, (SingleBlock, ResizedFuse))]
+        assert gelu_flags and all(flag == enabled for flag in gelu_flags)
 
 
 def test_benchmark_counts_kept_activations_by_module():

@@ -1,4 +1,5 @@
-"""Activation checkpointing that leaves batch-norm running statistics as one forward pass left them."""
+"""Activation checkpointing, whole or selective, that leaves batch-norm running statistics as one
+forward pass left them."""
 import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
@@ -69,9 +70,7 @@ def checkpointed_call(
         forward_context, recompute_context = create_selective_checkpoint_contexts(_keep_costly_outputs)
         return forward_context, _both(recompute_context, _running_stats_kept(owner))
 
-    if not cheap_only:
-        return checkpoint(function, *inputs, use_reentrant=False, context_fn=contexts)
-    # What the selective recompute keeps goes through any saved-tensor hooks around it (offloading,
+    # What a selective recompute keeps goes through any saved-tensor hooks around it (offloading,
     # or counting what is kept), as every other kept tensor does.
     return checkpoint(function, *inputs, use_reentrant=False, context_fn=contexts, respect_saved_tensors_hooks=True)
 
