@@ -267,3 +267,28 @@ def test_compare_official_memory_cases_set_existing_config_keys():
         for key, value in zip(opts[::2], opts[1::2]):
             lookup = functools.partial(functools.reduce, getattr, key.split("."))
             assert str(lookup(cfg)) == value != str(lookup(default)), (what, key)
+
+
+def test_kmax_recompute_under_bfloat16_autocast_keeps_the_gradients():
+    """The recomputation runs under the autocast state of the forward pass (checkpoint restores
+    it), so mixed-precision training gets the gradients it gets without recomputing."""
+    shapes = {
+        "res2": ShapeSpec(channels=8, stride=4), "res3": ShapeSpec(channels=16, stride=8),
+        "res4": ShapeSpec(channels=24, stride=16), "res5": ShapeSpec(channels=32, stride=32),
+    }
+    args = dict(dec_layers=[1, 1, 1, 1], dec_channels=[16, 8, 8, 4], layer_types=["axial", "axial", "bottleneck",
+                "bottleneck"], drop_path_prob=0.0, spatial_shape=33, norm="BN")
+    torch.manual_seed(0)
+    plain = kMaXPixelDecoder(shapes, **args).train()
+    recomputing = kMaXPixelDecoder(shapes, **args).train()
+    recomputing.load_state_dict(plain.state_dict())
+    assert recompute_activations(recomputing) > 0
+    features = {k: torch.randn(2, v.channels, 33 // v.stride + 1, 33 // v.stride + 1) for k, v in shapes.items()}
+    gradients = []
+    for model in (plain, recomputing):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            panoptic, _, multi_scale = model.forward_features(features)
+            loss = panoptic.float().square().mean() + sum(level.float().square().mean() for level in multi_scale)
+        gradients.append(torch.autograd.grad(loss, list(model.parameters())))
+    for (name, _), grad, plain_grad in zip(plain.named_parameters(), gradients[1], gradients[0]):
+        torch.testing.assert_close(grad, plain_grad, msg=name)
