@@ -16,6 +16,8 @@ from kmax_m2f.systems.kmax_deeplab.pixel_decoder import ResizedFuse, kMaXPixelDe
 from kmax_m2f.systems.mask2former import MSDeformAttnPixelDecoder
 
 from .conftest import REPO
+from .test_kmax_pixel_decoder import TINY_ARGS, TINY_SHAPES
+from .test_kmax_pixel_decoder import _features as kmax_features
 from .test_mask2former_modules import SHAPES as M2F_SHAPES
 from .test_mask2former_modules import _tiny_cfg as m2f_tiny_cfg
 
@@ -272,18 +274,12 @@ def test_compare_official_memory_cases_set_existing_config_keys():
 def test_kmax_recompute_under_bfloat16_autocast_keeps_the_gradients():
     """The recomputation runs under the autocast state of the forward pass (checkpoint restores
     it), so mixed-precision training gets the gradients it gets without recomputing."""
-    shapes = {
-        "res2": ShapeSpec(channels=8, stride=4), "res3": ShapeSpec(channels=16, stride=8),
-        "res4": ShapeSpec(channels=24, stride=16), "res5": ShapeSpec(channels=32, stride=32),
-    }
-    args = dict(dec_layers=[1, 1, 1, 1], dec_channels=[16, 8, 8, 4], layer_types=["axial", "axial", "bottleneck",
-                "bottleneck"], drop_path_prob=0.0, spatial_shape=33, norm="BN")
     torch.manual_seed(0)
-    plain = kMaXPixelDecoder(shapes, **args).train()
-    recomputing = kMaXPixelDecoder(shapes, **args).train()
+    plain = kMaXPixelDecoder(TINY_SHAPES, drop_path_prob=0.0, spatial_shape=33, norm="BN", **TINY_ARGS).train()
+    recomputing = kMaXPixelDecoder(TINY_SHAPES, drop_path_prob=0.0, spatial_shape=33, norm="BN", **TINY_ARGS).train()
     recomputing.load_state_dict(plain.state_dict())
     assert recompute_activations(recomputing) > 0
-    features = {k: torch.randn(2, v.channels, 33 // v.stride + 1, 33 // v.stride + 1) for k, v in shapes.items()}
+    features = kmax_features(TINY_SHAPES, 33, 33)
     gradients = []
     for model in (plain, recomputing):
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -639,7 +639,7 @@ def test_losses_keep_one_map_per_output_and_the_gradients_of_the_plain_formulas(
     crit = criterion(FixedMatcher([[(0, 0), (3, 1), (1, 2)], [(2, 0), (5, 1)]]), ["masks", "pixels", "aux_semantic"],
                      num_aux=2, pixel_insdis_sample_k=20, aux_semantic_sample_k=20)
 
-    def gradients() -> list[torch.Tensor]:
+    def gradients() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         torch.manual_seed(0)
         full_maps = []
 
